@@ -1,0 +1,265 @@
+"""``python -m trioproxy``: command line → Config → serve.
+
+Bad usage exits 2 with one line naming the flag and the value; a running proxy
+exits 0 after a drain on SIGTERM/SIGINT.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+from typing import NoReturn
+
+import trio
+
+from trioproxy.config import Config, ConfigError
+from trioproxy.upstream.origin import BadUpstreamURL, UpstreamURL
+
+_LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
+
+
+def _size(text: str) -> int:
+    """A byte size: 1048576, 64k, 10m, 1g (binary multiples)."""
+    units = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
+    value = text.strip().lower()
+    factor = 1
+    if value[-1:] in units:
+        factor = units[value[-1]]
+        value = value[:-1]
+        if value.endswith("i"):
+            value = value[:-1]
+    if not value.isdigit():
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (use e.g. 65536, 64k, 10m)")
+    return int(value) * factor
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if value != value or value < 0:  # NaN or negative
+        raise argparse.ArgumentTypeError(f"must be a number of seconds >= 0: {text!r}")
+    return value
+
+
+def _port(text: str) -> int:
+    if not text.isdigit() or not 0 <= int(text) <= 65535:
+        raise argparse.ArgumentTypeError(f"not a port (0-65535): {text!r}")
+    return int(text)
+
+
+def _upstream(text: str) -> UpstreamURL:
+    try:
+        return UpstreamURL.parse(text)
+    except BadUpstreamURL as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        """Bad usage: one line naming the flag and the value, exit status 2."""
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="trioproxy",
+        description="A streaming, cancellation-safe HTTP/1.1 reverse proxy built on trio.",
+        epilog="Example: python -m trioproxy --upstream http://127.0.0.1:8000 --port 8080",
+    )
+    add = parser.add_argument
+    add(
+        "--upstream",
+        action="append",
+        type=_upstream,
+        default=[],
+        metavar="URL",
+        help="upstream base URL (http:// or https://, optional path prefix); repeat the flag "
+        "for several upstreams, balanced round-robin",
+    )
+    add(
+        "--demo",
+        action="store_true",
+        help="start two built-in demo upstreams in-process and proxy to them",
+    )
+    add("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
+    add(
+        "--port",
+        type=_port,
+        default=8080,
+        help="port to listen on; 0 picks a free one (default: %(default)s)",
+    )
+    add("--log-level", default="info", choices=_LOG_LEVELS, help="(default: %(default)s)")
+    add(
+        "--connect-timeout",
+        type=_seconds,
+        default=5.0,
+        metavar="S",
+        help="upstream connect (and TLS handshake) timeout (default: %(default)s)",
+    )
+    add(
+        "--read-timeout",
+        type=_seconds,
+        default=300.0,
+        metavar="S",
+        help="upstream idle time allowed between two reads; long for slow LLM streams "
+        "(default: %(default)s)",
+    )
+    add(
+        "--header-timeout",
+        type=_seconds,
+        default=10.0,
+        metavar="S",
+        help="time a client has to send a whole request head (default: %(default)s)",
+    )
+    add(
+        "--body-timeout",
+        type=_seconds,
+        default=60.0,
+        metavar="S",
+        help="client idle time allowed between two reads of a request body (default: %(default)s)",
+    )
+    add(
+        "--keepalive-timeout",
+        type=_seconds,
+        default=75.0,
+        metavar="S",
+        help="how long an idle client keep-alive connection stays open (default: %(default)s)",
+    )
+    add(
+        "--max-header-size",
+        type=_size,
+        default=65536,
+        metavar="BYTES",
+        help="largest request head accepted, else 431 (default: %(default)s)",
+    )
+    add(
+        "--max-body-size",
+        type=_size,
+        default=None,
+        metavar="BYTES",
+        help="largest request body accepted, else 413 (default: unlimited)",
+    )
+    add(
+        "--max-connections-per-upstream",
+        type=int,
+        default=256,
+        metavar="N",
+        help="cap on open connections to one upstream; callers wait (default: %(default)s)",
+    )
+    add(
+        "--pool-timeout",
+        type=_seconds,
+        default=30.0,
+        metavar="S",
+        help="how long a request waits for a connection under that cap, else 503 "
+        "(default: %(default)s)",
+    )
+    add(
+        "--grace",
+        type=_seconds,
+        default=10.0,
+        metavar="S",
+        help="on SIGTERM/SIGINT, how long in-flight requests may finish (default: %(default)s)",
+    )
+    add(
+        "--preserve-host",
+        action="store_true",
+        help="send the client's Host header upstream instead of the upstream's",
+    )
+    add(
+        "--upstream-ca",
+        metavar="FILE",
+        help="CA bundle to verify https upstreams with (default: the system's)",
+    )
+    add(
+        "--insecure",
+        action="store_true",
+        help="do not verify https upstream certificates (never in production)",
+    )
+    return parser
+
+
+def config_from_args(argv: Sequence[str] | None = None) -> Config:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not args.upstream and not args.demo:
+        parser.error("no upstream: give --upstream URL (repeatable) or --demo")
+    if args.upstream_ca is not None:
+        try:
+            with open(args.upstream_ca, "rb"):
+                pass
+        except OSError as exc:
+            parser.error(f"--upstream-ca {args.upstream_ca!r}: {exc.strerror}")
+    try:
+        return Config(
+            upstreams=tuple(args.upstream),
+            demo=args.demo,
+            host=args.host,
+            port=args.port,
+            log_level=args.log_level,
+            connect_timeout=args.connect_timeout,
+            read_timeout=args.read_timeout,
+            header_timeout=args.header_timeout,
+            body_timeout=args.body_timeout,
+            keepalive_timeout=args.keepalive_timeout,
+            max_header_size=args.max_header_size,
+            max_body_size=args.max_body_size,
+            max_connections_per_upstream=args.max_connections_per_upstream,
+            pool_timeout=args.pool_timeout,
+            grace=args.grace,
+            preserve_host=args.preserve_host,
+            upstream_ca=args.upstream_ca,
+            insecure=args.insecure,
+        )
+    except ConfigError as exc:
+        parser.error(f"--{exc}")
+
+
+async def _main(config: Config) -> int:
+    from trioproxy.server.listener import ProxyServer, announce
+
+    server = ProxyServer(config)
+    try:
+        await server.bind()
+    except OSError as exc:
+        print(
+            f"trioproxy: cannot listen on {config.host}:{config.port}: {exc.strerror or exc}",
+            file=sys.stderr,
+        )
+        return 1
+    async with trio.open_nursery() as nursery:
+        if config.demo:
+            from trioproxy.demo import run_demo_upstreams
+
+            urls = await run_demo_upstreams(nursery)
+            server.engine.balancer.targets = [
+                *config.upstreams,
+                *(UpstreamURL.parse(url) for url in urls),
+            ]
+        addresses = await nursery.start(server.run)
+        announce(addresses)
+        await server.wait_stopped()
+        nursery.cancel_scope.cancel()
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    config = config_from_args(argv)
+    logging.basicConfig(
+        level=config.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        status = trio.run(_main, config)
+    except KeyboardInterrupt:
+        status = 0
+    sys.exit(status)
+
+
+if __name__ == "__main__":
+    main()

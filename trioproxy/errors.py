@@ -1,0 +1,133 @@
+"""One error hierarchy for the whole proxy.
+
+Every failure the proxy can answer with an HTTP response is a :class:`ProxyError`
+carrying the status it becomes and a short, fixed text for the client. Third-party
+exceptions (``OSError``, ``h11``, ``ssl``) are mapped to these once, at the I/O
+boundary that sees them; nothing above that boundary catches foreign exceptions.
+
+The text that reaches a client is the class's ``reason``: it names the cause and
+never contains an exception string, a path or a traceback. ``detail`` is for the
+operator's log only.
+"""
+
+from __future__ import annotations
+
+
+class ProxyError(Exception):
+    """Base of every error the proxy turns into a response (or an aborted one)."""
+
+    status: int = 500
+    reason: str = "internal proxy error"
+    #: Extra response headers that go with the status (e.g. ``Retry-After``).
+    headers: tuple[tuple[bytes, bytes], ...] = ()
+
+    def __init__(self, detail: str = "") -> None:
+        super().__init__(detail or self.reason)
+        self.detail = detail or self.reason
+
+
+# --- the client's side ---------------------------------------------------------
+
+
+class ProtocolError(ProxyError):
+    """The peer broke HTTP/1.1 framing or syntax.
+
+    Raised by the parser seam for whichever side it parses; ``status`` is the
+    hint for a response (400 malformed, 431 head too large, 501 unsupported
+    transfer coding), in the manner of h11's ``error_status_hint``.
+    """
+
+    status = 400
+    reason = "malformed request"
+
+    def __init__(self, detail: str = "", *, status: int = 400) -> None:
+        super().__init__(detail)
+        self.status = status
+        if status == 431:
+            self.reason = "request header fields too large"
+        elif status == 501:
+            self.reason = "transfer coding not implemented"
+
+
+class MethodNotAllowed(ProxyError):
+    status = 405
+    reason = "method not allowed by this proxy"
+
+
+class BodyTooLarge(ProxyError):
+    status = 413
+    reason = "request body too large"
+
+
+class ClientTimeout(ProxyError):
+    status = 408
+    reason = "request not received in time"
+
+
+class ClientDisconnected(ProxyError):
+    """The client went away; nobody is left to answer."""
+
+    status = 499
+    reason = "client closed the connection"
+
+
+# --- the upstream's side -------------------------------------------------------
+
+
+class UpstreamError(ProxyError):
+    status = 502
+    reason = "bad gateway"
+
+
+class UpstreamConnectError(UpstreamError):
+    """Connecting failed: refused, unreachable, DNS, TLS handshake.
+
+    The upstream never saw the request, so it may be retried anywhere.
+    """
+
+    reason = "upstream refused the connection"
+
+
+class UpstreamProtocolError(UpstreamError):
+    reason = "upstream sent an invalid response"
+
+
+class UpstreamClosed(UpstreamError):
+    """The upstream closed or reset the connection before a response head."""
+
+    reason = "upstream closed the connection"
+
+
+class UpstreamBrokenMidBody(UpstreamError):
+    """The upstream failed after the response head went to the client.
+
+    There is no status left to send: the front end aborts the client
+    connection so that a truncated body is never taken for a whole one.
+    """
+
+    reason = "upstream broke off the response"
+
+
+class UpstreamTimeout(ProxyError):
+    status = 504
+    reason = "upstream did not answer in time"
+
+
+class UpstreamConnectTimeout(UpstreamTimeout):
+    reason = "upstream did not accept the connection in time"
+
+
+class NoHealthyUpstream(ProxyError):
+    status = 503
+    reason = "no upstream available"
+    headers = ((b"retry-after", b"1"),)
+
+
+class PoolTimeout(ProxyError):
+    status = 503
+    reason = "all upstream connections are busy"
+
+
+class NoRoute(ProxyError):
+    status = 404
+    reason = "no route for this request"

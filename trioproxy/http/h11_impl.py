@@ -1,0 +1,207 @@
+"""The h11 implementation of the parser seam (the reference one).
+
+h11 is lenient where a proxy must not be (RFC 9112 §5.2, §2.2, §6.3): it
+splits head lines on a bare LF, unfolds obs-fold continuation lines, and when a
+request carries both ``Transfer-Encoding`` and ``Content-Length`` it quietly lets
+the first win. A proxy that accepts what the server behind it reads differently
+is a request-smuggling vector, so this adapter refuses all three itself:
+
+* head lines are checked raw, before h11 splits them, by a strict subclass of
+  h11's receive buffer (a private class: pyproject pins h11 to 0.16.x, and
+  tests/http/test_conformance.py pins the behaviour);
+* framing headers are checked on the parsed request.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import h11
+from h11._receivebuffer import ReceiveBuffer
+
+from trioproxy.errors import ProtocolError, UpstreamProtocolError
+from trioproxy.http.protocol import (
+    CONNECTION_CLOSED,
+    END_OF_MESSAGE,
+    NEED_DATA,
+    PAUSED,
+    Body,
+    Event,
+    Headers,
+    RequestHead,
+    ResponseHead,
+    _Sentinel,
+)
+
+
+class _StrictReceiveBuffer(ReceiveBuffer):
+    """h11's buffer, refusing bare-LF line ends and obs-fold in heads."""
+
+    def maybe_extract_lines(self) -> list[bytearray] | None:
+        head_end = self._data.find(b"\r\n\r\n")
+        lf_end = self._data.find(b"\n\n")
+        if lf_end != -1 and (head_end == -1 or lf_end < head_end):
+            raise h11.LocalProtocolError("bare LF in message head")
+        if head_end != -1:
+            _check_head_lines(bytes(self._data[: head_end + 2]))
+        elif b"\n" in self._data:
+            # Check the complete lines seen so far, to fail early.
+            last = self._data.rfind(b"\n")
+            _check_head_lines(bytes(self._data[: last + 1]))
+        return super().maybe_extract_lines()
+
+
+def _check_head_lines(head: bytes) -> None:
+    if head.count(b"\n") != head.count(b"\r\n"):
+        raise h11.LocalProtocolError("bare LF in message head")
+    if b"\r\n " in head or b"\r\n\t" in head:
+        raise h11.LocalProtocolError("obsolete line folding in message head")
+    if head.count(b"\r") != head.count(b"\r\n"):
+        raise h11.LocalProtocolError("bare CR in message head")
+
+
+def _strict_connection(role: Any, max_head_size: int) -> h11.Connection:
+    conn = h11.Connection(role, max_incomplete_event_size=max_head_size)
+    conn._receive_buffer = _StrictReceiveBuffer()
+    return conn
+
+
+def _check_request_framing(headers: Headers) -> None:
+    has_te = False
+    has_cl = False
+    for name, _ in headers:
+        if name == b"transfer-encoding":
+            has_te = True
+        elif name == b"content-length":
+            has_cl = True
+    if has_te and has_cl:
+        raise ProtocolError("both Content-Length and Transfer-Encoding", status=400)
+
+
+class _H11Base:
+    __slots__ = ("_conn",)
+
+    _conn: h11.Connection
+
+    def receive_data(self, data: bytes | bytearray) -> None:
+        self._conn.receive_data(data)  # type: ignore[arg-type]  # h11 copies into its buffer
+
+    def send_body(self, data: bytes) -> bytes:
+        return self._conn.send(h11.Data(data=data)) or b""
+
+    def send_end(self) -> bytes:
+        return self._conn.send(h11.EndOfMessage()) or b""
+
+    def send_failed(self) -> None:
+        self._conn.send_failed()
+
+    def start_next_cycle(self) -> None:
+        self._conn.start_next_cycle()
+
+    @property
+    def reusable(self) -> bool:
+        return self._conn.our_state is h11.DONE and self._conn.their_state is h11.DONE
+
+    @property
+    def our_done(self) -> bool:
+        return self._conn.our_state in (h11.DONE, h11.MUST_CLOSE, h11.CLOSED)
+
+    @property
+    def peer_done(self) -> bool:
+        return self._conn.their_state in (h11.DONE, h11.MUST_CLOSE, h11.CLOSED)
+
+    @property
+    def buffered(self) -> int:
+        return len(self._conn.trailing_data[0])
+
+
+class H11Server(_H11Base):
+    """Server role: parses requests, writes responses."""
+
+    __slots__ = ()
+
+    def __init__(self, max_head_size: int = 65536) -> None:
+        self._conn = _strict_connection(h11.SERVER, max_head_size)
+
+    def next_event(self) -> Event | _Sentinel:
+        try:
+            event = self._conn.next_event()
+        except h11.RemoteProtocolError as exc:
+            raise ProtocolError(str(exc), status=exc.error_status_hint) from None
+        if type(event) is h11.Data:
+            return Body(bytes(event.data))
+        if type(event) is h11.Request:
+            headers = list(event.headers)
+            _check_request_framing(headers)
+            return RequestHead(
+                method=event.method,
+                target=event.target,
+                headers=headers,
+                http_version=event.http_version,
+            )
+        if type(event) is h11.EndOfMessage:
+            return END_OF_MESSAGE
+        if event is h11.NEED_DATA:
+            return NEED_DATA
+        if event is h11.PAUSED:
+            return PAUSED
+        if type(event) is h11.ConnectionClosed:
+            return CONNECTION_CLOSED
+        raise AssertionError(f"unexpected h11 event {event!r}")  # pragma: no cover
+
+    def send_head(self, head: ResponseHead) -> bytes:
+        event = h11.Response(status_code=head.status_code, headers=head.headers, reason=head.reason)
+        return self._conn.send(event) or b""
+
+    def send_informational(self, head: ResponseHead) -> bytes:
+        event = h11.InformationalResponse(
+            status_code=head.status_code, headers=head.headers, reason=head.reason
+        )
+        return self._conn.send(event) or b""
+
+    @property
+    def request_method(self) -> bytes | None:
+        return self._conn._request_method
+
+    @property
+    def client_is_waiting_for_100_continue(self) -> bool:
+        return bool(self._conn.client_is_waiting_for_100_continue)
+
+
+class H11Client(_H11Base):
+    """Client role: writes requests, parses responses (1xx other than 101 are skipped)."""
+
+    __slots__ = ()
+
+    def __init__(self, max_head_size: int = 65536) -> None:
+        self._conn = _strict_connection(h11.CLIENT, max_head_size)
+
+    def next_event(self) -> Event | _Sentinel:
+        try:
+            event = self._conn.next_event()
+            while type(event) is h11.InformationalResponse:
+                event = self._conn.next_event()
+        except h11.RemoteProtocolError as exc:
+            raise UpstreamProtocolError(str(exc)) from None
+        if type(event) is h11.Data:
+            return Body(bytes(event.data))
+        if type(event) is h11.Response:
+            return ResponseHead(
+                status_code=event.status_code,
+                headers=list(event.headers),
+                reason=event.reason,
+                http_version=event.http_version,
+            )
+        if type(event) is h11.EndOfMessage:
+            return END_OF_MESSAGE
+        if event is h11.NEED_DATA:
+            return NEED_DATA
+        if event is h11.PAUSED:
+            return PAUSED
+        if type(event) is h11.ConnectionClosed:
+            return CONNECTION_CLOSED
+        raise AssertionError(f"unexpected h11 event {event!r}")  # pragma: no cover
+
+    def send_head(self, head: RequestHead) -> bytes:
+        event = h11.Request(method=head.method, target=head.target, headers=head.headers)
+        return self._conn.send(event) or b""

@@ -1,0 +1,276 @@
+"""Header rules for a message passing through the proxy (sans-I/O).
+
+Every proxied request and response goes through this module twice, so it works
+on the parser seam's representation as is (``Headers``: lowercase names,
+stripped values, repeated fields as separate entries in order) and never joins,
+splits or rewrites a field it does not own.
+
+Hop-by-hop fields (RFC 9110 §7.6.1). ``Connection`` and the fields it names
+describe the connection to the immediate peer, not the message, so a proxy
+removes them before forwarding. So are ``Keep-Alive``, ``Proxy-Connection``,
+``TE``, ``Transfer-Encoding`` and ``Upgrade``, which §7.6.1 tells intermediaries
+to remove even when ``Connection`` does not list them, and ``Trailer``: the
+proxy re-frames every body (RFC 9112 §6.1, §7.1.2), so a trailer declaration
+from one hop would be wrong on the next. Connection options are compared
+case-insensitively (§7.6.1); a ``close`` token simply names no field.
+
+Fields the proxy owns. Upstream, the proxy writes exactly one ``Host``
+(RFC 9112 §3.2), first in the head; it extends the ``X-Forwarded-For`` and
+``Via`` (RFC 9110 §7.6.3) chains into one line each rather than appending a
+second line, and sets ``X-Forwarded-Proto``, ``X-Forwarded-Host`` and
+``X-Request-ID``, replacing whatever the client sent. ``Expect`` is not
+forwarded: the proxy answers ``100-continue`` itself (RFC 9110 §10.1.1).
+The owned fields go after the passed-through ones, in the order listed above.
+
+Everything else passes through byte for byte and in order: ``Set-Cookie``
+lines stay separate (they cannot be comma-joined, RFC 6265 §3), and
+``Cache-Control``, ``Content-Length`` and ``Content-Encoding`` are the
+endpoints' business.
+
+Cost. A rule that needs ``Connection`` makes one pass to read it and one to
+filter; the common message without a ``Connection`` option outside the fixed
+set filters against that set alone. No regexes, and the owned fields are
+collected during the filtering pass.
+"""
+
+from __future__ import annotations
+
+import uuid
+from typing import Final
+
+from trioproxy.http.protocol import Headers
+
+__all__ = [
+    "HOP_BY_HOP",
+    "client_response_headers",
+    "comma_tokens",
+    "get_all",
+    "get_first",
+    "has_token",
+    "new_request_id",
+    "request_id_from",
+    "strip_hop_by_hop",
+    "upstream_request_headers",
+]
+
+HOP_BY_HOP: Final[frozenset[bytes]] = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"proxy-connection",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+    }
+)
+
+# RFC 9110 §5.6.1: list elements are separated by commas with optional
+# whitespace (SP / HTAB) around them.
+_OWS: Final = b" \t"
+_LIST_SEP: Final = b", "
+
+# X-Request-ID is echoed into logs and upstream heads: accept only a bounded
+# run of visible ASCII (VCHAR, RFC 5234 B.1), nothing that could split a line.
+_REQUEST_ID_MAX: Final = 200
+_VCHAR: Final = bytes(range(0x21, 0x7F))
+
+# Dropped from the upstream request on top of the hop-by-hop fields.
+_REQUEST_EXTRA: Final[frozenset[bytes]] = frozenset({b"expect"})
+_REQUEST_DROP: Final[frozenset[bytes]] = HOP_BY_HOP | _REQUEST_EXTRA
+
+
+def get_first(headers: Headers, name: bytes) -> bytes | None:
+    """Return the value of the first ``name`` field, or ``None``.
+
+    Args:
+        headers: the message's fields.
+        name: a lowercase field name.
+    """
+    for field_name, value in headers:
+        if field_name == name:
+            return value
+    return None
+
+
+def get_all(headers: Headers, name: bytes) -> list[bytes]:
+    """Return the values of every ``name`` field, in order."""
+    return [value for field_name, value in headers if field_name == name]
+
+
+def comma_tokens(headers: Headers, name: bytes) -> list[bytes]:
+    """Return every element of every ``name`` field read as a comma list.
+
+    Elements are lowercased and stripped of surrounding whitespace; empty ones
+    (``a,,b``, a trailing comma) are dropped (RFC 9110 §5.6.1). Suited to
+    token lists such as ``Connection``, not to quoted strings.
+    """
+    tokens: list[bytes] = []
+    for field_name, value in headers:
+        if field_name == name:
+            for part in value.lower().split(b","):
+                token = part.strip(_OWS)
+                if token:
+                    tokens.append(token)
+    return tokens
+
+
+def has_token(headers: Headers, name: bytes, token: bytes) -> bool:
+    """Tell whether any ``name`` field lists ``token`` (given lowercase)."""
+    for field_name, value in headers:
+        if field_name == name:
+            for part in value.lower().split(b","):
+                if part.strip(_OWS) == token:
+                    return True
+    return False
+
+
+def _drop_set(headers: Headers, base: frozenset[bytes]) -> frozenset[bytes]:
+    """``base`` plus the field names listed in ``Connection`` (RFC 9110 §7.6.1)."""
+    named = [token for token in comma_tokens(headers, b"connection") if token not in base]
+    # Usually empty: "Connection: keep-alive" / "close" name nothing new.
+    return base.union(named) if named else base
+
+
+def strip_hop_by_hop(headers: Headers, extra: frozenset[bytes] = frozenset()) -> Headers:
+    """Return ``headers`` without the fields that must not be forwarded.
+
+    Removes :data:`HOP_BY_HOP`, every field named by a ``Connection`` option
+    (RFC 9110 §7.6.1) and the names in ``extra``; the rest keep their order
+    and repeats.
+
+    Args:
+        headers: the received fields; not modified.
+        extra: more lowercase names to remove.
+
+    Returns:
+        A new list.
+    """
+    drop = _drop_set(headers, HOP_BY_HOP | extra if extra else HOP_BY_HOP)
+    return [field for field in headers if field[0] not in drop]
+
+
+def new_request_id() -> bytes:
+    """Return a fresh request id: 32 lowercase hex digits (a random UUID)."""
+    return uuid.uuid4().hex.encode("ascii")
+
+
+def request_id_from(headers: Headers) -> bytes | None:
+    """Return the client's first ``X-Request-ID`` if it is safe to reuse, else ``None``.
+
+    Safe means 1 to 200 bytes, all visible ASCII (0x21-0x7E): no spaces, no
+    control characters, nothing outside ASCII.
+    """
+    value = get_first(headers, b"x-request-id")
+    if value is None or not 0 < len(value) <= _REQUEST_ID_MAX:
+        return None
+    # Deleting every allowed byte leaves the forbidden ones: one C-level pass.
+    if value.translate(None, _VCHAR):
+        return None
+    return value
+
+
+def _extend_chain(prior: list[bytes], hop: bytes) -> bytes:
+    """Join ``prior`` list values and ``hop`` into one comma list."""
+    if not prior:
+        return hop
+    prior.append(hop)
+    return _LIST_SEP.join(prior)
+
+
+def upstream_request_headers(
+    headers: Headers,
+    *,
+    client_addr: str,
+    scheme: str,
+    upstream_host: bytes,
+    preserve_host: bool,
+    request_id: bytes,
+    via: bytes = b"1.1 trioproxy",
+) -> Headers:
+    """Build the fields the proxy sends upstream from the client's request fields.
+
+    Args:
+        headers: the client's request fields; not modified.
+        client_addr: the client's IP address, without port; an IPv6 address
+            may come bracketed and is written bare.
+        scheme: ``"http"`` or ``"https"``, as the client reached the proxy.
+        upstream_host: the ``Host`` value for the upstream (its authority).
+        preserve_host: forward the client's ``Host`` instead, when it sent one.
+        request_id: the value for ``X-Request-ID``.
+        via: this hop's ``Via`` element (RFC 9110 §7.6.3), e.g. ``b"1.0 trioproxy"``
+            for an HTTP/1.0 client.
+
+    Returns:
+        A new list: ``Host`` first, then the client's other forwardable fields
+        in order, then ``X-Forwarded-For``, ``X-Forwarded-Proto``,
+        ``X-Forwarded-Host`` (only if the client sent ``Host``), ``Via`` and
+        ``X-Request-ID``.
+    """
+    drop = _drop_set(headers, _REQUEST_DROP)
+    out: Headers = [(b"host", upstream_host)]
+    client_host: bytes | None = None
+    forwarded_for: list[bytes] = []
+    via_chain: list[bytes] = []
+    for field in headers:
+        name = field[0]
+        if name == b"host":
+            # Read before the drop test: Host is the request's authority
+            # (RFC 9112 §3.2), never a connection option, and always rewritten.
+            if client_host is None:
+                client_host = field[1]
+        elif name in drop:
+            continue
+        elif name == b"x-forwarded-for":
+            if field[1]:
+                forwarded_for.append(field[1])
+        elif name == b"via":
+            if field[1]:
+                via_chain.append(field[1])
+        elif name in (b"x-forwarded-proto", b"x-forwarded-host", b"x-request-id"):
+            continue
+        else:
+            out.append(field)
+
+    if preserve_host and client_host is not None:
+        out[0] = (b"host", client_host)
+    if client_addr.startswith("[") and client_addr.endswith("]"):
+        client_addr = client_addr[1:-1]
+    out.append((b"x-forwarded-for", _extend_chain(forwarded_for, client_addr.encode("ascii"))))
+    out.append((b"x-forwarded-proto", scheme.encode("ascii")))
+    if client_host is not None:
+        out.append((b"x-forwarded-host", client_host))
+    out.append((b"via", _extend_chain(via_chain, via)))
+    out.append((b"x-request-id", request_id))
+    return out
+
+
+def client_response_headers(
+    headers: Headers, *, request_id: bytes, via: bytes = b"1.1 trioproxy"
+) -> Headers:
+    """Build the fields the proxy sends the client from the upstream's response fields.
+
+    Args:
+        headers: the upstream's response fields; not modified.
+        request_id: the value for ``X-Request-ID``.
+        via: this hop's ``Via`` element (RFC 9110 §7.6.3).
+
+    Returns:
+        A new list: the forwardable fields in order (``Set-Cookie`` lines kept
+        separate), then ``Via`` and ``X-Request-ID``.
+    """
+    drop = _drop_set(headers, HOP_BY_HOP)
+    out: Headers = []
+    via_chain: list[bytes] = []
+    for field in headers:
+        name = field[0]
+        if name in drop or name == b"x-request-id":
+            continue
+        if name == b"via":
+            if field[1]:
+                via_chain.append(field[1])
+        else:
+            out.append(field)
+    out.append((b"via", _extend_chain(via_chain, via)))
+    out.append((b"x-request-id", request_id))
+    return out

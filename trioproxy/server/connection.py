@@ -1,0 +1,352 @@
+"""One client connection: the HTTP/1.1 server loop around the engine.
+
+For each request on a keep-alive connection::
+
+    read head (header timeout; keep-alive timeout while idle)
+      ├─ refuse what a reverse proxy must not pass (absolute-form, CONNECT)
+      ├─ engine.handle(head, self)   ← this object is the engine's Downstream
+      └─ answer a ProxyError with its status, or abort if the response started
+
+The connection closes after a response when the client or the upstream asked
+for it, when the request body was not read to its end, or while draining. When
+an error is answered before the request was read whole, the close is graceful
+(RFC 9112 §9.6): shut our side, read and discard a bounded amount, then close,
+so that the client reads the response instead of a reset.
+
+Resource handling: ``serve`` owns the stream and closes it on every path.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from http import HTTPStatus
+
+import trio
+
+from trioproxy.engine import Engine, ExchangeLog
+from trioproxy.errors import (
+    BodyTooLarge,
+    ClientDisconnected,
+    ClientTimeout,
+    MethodNotAllowed,
+    ProtocolError,
+    ProxyError,
+    UpstreamBrokenMidBody,
+)
+from trioproxy.http.h11_impl import H11Server
+from trioproxy.http.protocol import (
+    NEED_DATA,
+    PAUSED,
+    Body,
+    ConnectionClosed,
+    EndOfMessage,
+    RequestHead,
+    ResponseHead,
+)
+
+log = logging.getLogger("trioproxy.server")
+access_log = logging.getLogger("trioproxy.access")
+
+READ_SIZE = 65536
+LINGER_BYTES = 1 << 20
+LINGER_SECONDS = 2.0
+
+
+class ServerState:
+    """What every connection of one listener shares: settings and the drain switch."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        *,
+        header_timeout: float = 10.0,
+        body_timeout: float = 60.0,
+        keepalive_timeout: float = 75.0,
+        max_header_size: int = 65536,
+        max_body_size: int | None = None,
+        scheme: str = "http",
+    ) -> None:
+        self.engine = engine
+        self.header_timeout = header_timeout
+        self.body_timeout = body_timeout
+        self.keepalive_timeout = keepalive_timeout
+        self.max_header_size = max_header_size
+        self.max_body_size = max_body_size
+        self.scheme = scheme
+        self.draining = False
+        self._idle: set[trio.CancelScope] = set()
+        self.open_connections = 0
+
+    def drain(self) -> None:
+        """Stop keep-alive: idle connections close now, busy ones after their response."""
+        self.draining = True
+        for scope in self._idle:
+            scope.cancel()
+
+
+class ClientConnection:
+    def __init__(self, stream: trio.SocketStream | trio.abc.Stream, state: ServerState) -> None:
+        self.stream = stream
+        self.state = state
+        self.protocol = H11Server(state.max_header_size)
+        self.client_addr = _peer_host(stream)
+        self.scheme = state.scheme
+        self._response_started = False
+        self._body_received = 0
+        self._request: RequestHead | None = None
+
+    # --- the loop -----------------------------------------------------------
+
+    async def serve(self) -> None:
+        self.state.open_connections += 1
+        try:
+            first = True
+            while True:
+                head = await self._next_request(first)
+                if head is None:
+                    break
+                first = False
+                if not await self._handle(head):
+                    break
+                self.protocol.start_next_cycle()
+        finally:
+            self.state.open_connections -= 1
+            await trio.aclose_forcefully(self.stream)
+
+    async def _next_request(self, first: bool) -> RequestHead | None:
+        """The next request head, or None when the connection should just close.
+
+        The keep-alive timeout runs while the connection is idle; from the first
+        byte of a head, the header timeout (against slowloris) runs instead.
+        """
+        protocol = self.protocol
+        idle = not first and protocol.buffered == 0
+        if idle and self.state.draining:
+            return None
+        scope = trio.CancelScope()
+        scope.deadline = trio.current_time() + (
+            self.state.keepalive_timeout if idle else self.state.header_timeout
+        )
+        partial = protocol.buffered > 0
+        if idle:
+            self.state._idle.add(scope)
+        try:
+            with scope:
+                while True:
+                    try:
+                        event = protocol.next_event()
+                    except ProtocolError as exc:
+                        await self._answer_error(exc, close=True)
+                        return None
+                    if event is NEED_DATA:
+                        data = await self._receive()
+                        if data and not partial:
+                            partial = True
+                            if idle:
+                                self.state._idle.discard(scope)
+                                scope.deadline = trio.current_time() + self.state.header_timeout
+                        protocol.receive_data(data)
+                        continue
+                    if type(event) is RequestHead:
+                        return await self._admit(event)
+                    if type(event) is ConnectionClosed or event is PAUSED:
+                        return None
+                    raise AssertionError(f"unexpected {event!r} before a request head")
+        except ClientDisconnected:
+            return None
+        finally:
+            self.state._idle.discard(scope)
+        if partial:
+            # Timed out in the middle of a head (slowloris): say so, then close.
+            await self._answer_error(ClientTimeout("request head not complete in time"), close=True)
+        return None
+
+    async def _admit(self, head: RequestHead) -> RequestHead | None:
+        """Refuse request-targets a reverse proxy must not pass on (RFC 9112 §3.2)."""
+        if head.method == b"CONNECT":
+            await self._answer_error(MethodNotAllowed("CONNECT"), close=True)
+            return None
+        target = head.target
+        if not (target.startswith(b"/") or (target == b"*" and head.method == b"OPTIONS")):
+            await self._answer_error(ProtocolError("request-target not in origin-form"), close=True)
+            return None
+        return head
+
+    async def _handle(self, head: RequestHead) -> bool:
+        """Run one exchange; True if the connection may serve another request."""
+        self._request = head
+        self._response_started = False
+        self._body_received = 0
+        record = ExchangeLog()
+        started = time.perf_counter()
+        try:
+            await self.state.engine.handle(head, self, record)
+        except ClientDisconnected:
+            record.status = record.status or 499
+            self._access(head, record, started, "client gone")
+            return False
+        except UpstreamBrokenMidBody as exc:
+            log.warning("aborting response to %s: %s", self.client_addr, exc.detail)
+            self._access(head, record, started, "aborted")
+            return False
+        except ProxyError as exc:
+            record.status = exc.status
+            self._access(head, record, started, exc.detail)
+            if self._response_started:
+                return False
+            close = self.state.draining or not self.protocol.peer_done
+            await self._answer_error(exc, close=close, request_id=record.request_id)
+            return not close
+        self._access(head, record, started, "")
+        if not self.protocol.peer_done:
+            # The upstream answered before the request body ended.
+            await self._linger()
+            return False
+        return self.protocol.reusable and not self.state.draining
+
+    # --- Downstream, for the engine --------------------------------------------
+
+    def request_has_body(self) -> bool:
+        head = self._request
+        assert head is not None
+        for name, value in head.headers:
+            if name == b"transfer-encoding" or (name == b"content-length" and value != b"0"):
+                return True
+        return False
+
+    async def receive_body(self) -> bytes:
+        protocol = self.protocol
+        if self._body_received == 0 and protocol.client_is_waiting_for_100_continue:
+            await self._send(protocol.send_informational(ResponseHead(100, [])))
+        with trio.move_on_after(self.state.body_timeout):
+            while True:
+                event = protocol.next_event()
+                if event is NEED_DATA:
+                    protocol.receive_data(await self._receive())
+                    continue
+                if type(event) is Body:
+                    self._body_received += len(event.data)
+                    limit = self.state.max_body_size
+                    if limit is not None and self._body_received > limit:
+                        raise BodyTooLarge(f"body over {limit} bytes")
+                    return event.data
+                if type(event) is EndOfMessage:
+                    return b""
+                if type(event) is ConnectionClosed:
+                    raise ClientDisconnected("EOF in request body")
+                raise AssertionError(f"unexpected {event!r} in a request body")
+        raise ClientTimeout(f"no request body data for {self.state.body_timeout} s")
+
+    async def wait_disconnect(self) -> None:
+        """Read ahead (pipelined requests) until the client closes; bounded by the head limit."""
+        protocol = self.protocol
+        while protocol.buffered < self.state.max_header_size:
+            data = await self._receive()
+            if not data:
+                raise ClientDisconnected("client closed while waiting for the response")
+            protocol.receive_data(data)
+        await trio.sleep_forever()
+
+    async def send_head(self, head: ResponseHead) -> None:
+        if self.state.draining:
+            head = ResponseHead(
+                head.status_code, [*head.headers, (b"connection", b"close")], head.reason
+            )
+        self._response_started = True
+        await self._send(self.protocol.send_head(head))
+
+    async def send_body(self, data: bytes) -> None:
+        await self._send(self.protocol.send_body(data))
+
+    async def send_end(self) -> None:
+        await self._send(self.protocol.send_end())
+
+    # --- I/O, mapped to our errors -------------------------------------------------
+
+    async def _receive(self) -> bytes | bytearray:
+        try:
+            return await self.stream.receive_some(READ_SIZE)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+            raise ClientDisconnected(repr(exc)) from None
+
+    async def _send(self, data: bytes) -> None:
+        try:
+            await self.stream.send_all(data)
+        except BaseException as exc:
+            self.protocol.send_failed()
+            if isinstance(exc, (trio.BrokenResourceError, trio.ClosedResourceError, OSError)):
+                raise ClientDisconnected(repr(exc)) from None
+            raise
+
+    async def _answer_error(self, exc: ProxyError, *, close: bool, request_id: bytes = b"") -> None:
+        """A short text response naming the cause; then, if closing, a graceful close."""
+        status = exc.status
+        phrase = HTTPStatus(status).phrase if status in HTTPStatus._value2member_map_ else ""
+        body = f"{status} {phrase}: {exc.reason}\n".encode()
+        headers = [
+            (b"content-type", b"text/plain; charset=utf-8"),
+            (b"content-length", str(len(body)).encode()),
+        ]
+        headers.extend(exc.headers)
+        if request_id:
+            headers.append((b"x-request-id", request_id))
+        if close:
+            headers.append((b"connection", b"close"))
+        try:
+            data = self.protocol.send_head(ResponseHead(status, headers, phrase.encode()))
+            if self.protocol.request_method != b"HEAD":
+                data += self.protocol.send_body(body)
+            data += self.protocol.send_end()
+            await self._send(data)
+        except ClientDisconnected:
+            return
+        except Exception as err:  # h11 refuses: e.g. nothing can be sent in this state
+            log.debug("could not send %d to %s: %r", status, self.client_addr, err)
+            return
+        if close:
+            await self._linger()
+
+    async def _linger(self) -> None:
+        """Shut our side and discard what the client still sends, within bounds."""
+        try:
+            if isinstance(self.stream, trio.SocketStream):
+                await self.stream.send_eof()
+            with trio.move_on_after(LINGER_SECONDS):
+                discarded = 0
+                while discarded < LINGER_BYTES:
+                    data = await self.stream.receive_some(READ_SIZE)
+                    if not data:
+                        break
+                    discarded += len(data)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            pass
+
+    def _access(self, head: RequestHead, record: ExchangeLog, started: float, note: str) -> None:
+        if not access_log.isEnabledFor(logging.INFO):
+            return
+        access_log.info(
+            '%s "%s %s HTTP/%s" %d %d %.1fms upstream=%s request_id=%s%s',
+            self.client_addr,
+            head.method.decode("latin-1"),
+            head.target.decode("latin-1"),
+            head.http_version.decode("latin-1"),
+            record.status,
+            record.bytes_out,
+            (time.perf_counter() - started) * 1000,
+            record.upstream,
+            record.request_id.decode("latin-1"),
+            f" ({note})" if note else "",
+        )
+
+
+def _peer_host(stream: trio.abc.Stream) -> str:
+    inner = stream.transport_stream if isinstance(stream, trio.SSLStream) else stream
+    if isinstance(inner, trio.SocketStream):
+        try:
+            peer = inner.socket.getpeername()
+        except OSError:
+            return "unknown"
+        if isinstance(peer, tuple):
+            return str(peer[0])
+    return "unknown"

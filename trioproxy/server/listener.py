@@ -1,0 +1,193 @@
+"""The proxy listener: accept loop, connection handlers, signals and drain.
+
+Lifetimes (see DESIGN.md)::
+
+    serve(config)
+    └─ root nursery
+       ├─ signal watcher (SIGTERM/SIGINT → drain)
+       └─ handler nursery ─ one task per client connection
+          (the accept loops run in their own cancel scope, so that draining is
+           "stop accepting, then put a deadline on the handler nursery", as
+           hypercorn does it)
+
+Drain: stop accepting and close the listening sockets; idle keep-alive
+connections close at once; busy ones finish their exchange (with
+``Connection: close``) until ``grace`` seconds have passed, when whatever is
+left is cancelled and closed.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import signal
+import ssl
+from collections.abc import Sequence
+
+import trio
+
+from trioproxy.balance.balancer import Balancer
+from trioproxy.config import Config
+from trioproxy.engine import Engine
+from trioproxy.server.connection import ClientConnection, ServerState
+from trioproxy.upstream.origin import UpstreamURL
+from trioproxy.upstream.pool import UpstreamPool
+
+log = logging.getLogger("trioproxy.server")
+
+# Accept errors that mean "out of a resource, try again shortly" (as in trio.serve_listeners).
+_ACCEPT_CAPACITY_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
+
+
+def make_ssl_context(config: Config) -> ssl.SSLContext:
+    """Client-side TLS for https upstreams: verification on unless ``insecure``."""
+    context = ssl.create_default_context(cafile=config.upstream_ca)
+    if config.insecure:
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    context.set_alpn_protocols(["http/1.1"])
+    return context
+
+
+def build_engine(config: Config, upstreams: Sequence[UpstreamURL]) -> Engine:
+    needs_tls = any(u.origin.tls for u in upstreams)
+    pool = UpstreamPool(
+        connect_timeout=config.connect_timeout,
+        pool_timeout=config.pool_timeout,
+        idle_timeout=config.upstream_idle_timeout,
+        max_per_origin=config.max_connections_per_upstream,
+        max_head_size=config.max_header_size,
+        ssl_context=make_ssl_context(config) if needs_tls else None,
+    )
+    return Engine(
+        balancer=Balancer(list(upstreams)),
+        pool=pool,
+        read_timeout=config.read_timeout,
+        preserve_host=config.preserve_host,
+        max_body_size=config.max_body_size,
+    )
+
+
+class ProxyServer:
+    """A listening proxy: ``await run(task_status=...)`` serves until drained."""
+
+    def __init__(self, config: Config, upstreams: Sequence[UpstreamURL] | None = None) -> None:
+        self.config = config
+        self.engine = build_engine(config, config.upstreams if upstreams is None else upstreams)
+        self.state = ServerState(
+            self.engine,
+            header_timeout=config.header_timeout,
+            body_timeout=config.body_timeout,
+            keepalive_timeout=config.keepalive_timeout,
+            max_header_size=config.max_header_size,
+            max_body_size=config.max_body_size,
+        )
+        self._accepting = trio.CancelScope()
+        self._stopped = trio.Event()
+        self._listeners: list[trio.SocketListener] | None = None
+
+    async def bind(self) -> list[tuple[str, int]]:
+        """Open the listening sockets (before ``run``, to report errors early).
+
+        Raises:
+            OSError: the address is in use, not available, or not permitted.
+        """
+        if self._listeners is None:
+            self._listeners = await trio.open_tcp_listeners(self.config.port, host=self.config.host)
+        return [_address(listener) for listener in self._listeners]
+
+    async def wait_stopped(self) -> None:
+        await self._stopped.wait()
+
+    def shutdown(self) -> None:
+        """Begin draining (idempotent)."""
+        self._accepting.cancel()
+
+    async def run(
+        self,
+        *,
+        handle_signals: bool = True,
+        task_status: trio.TaskStatus[list[tuple[str, int]]] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        config = self.config
+        addresses = await self.bind()
+        assert self._listeners is not None
+        listeners = self._listeners
+        try:
+            async with trio.open_nursery() as root:
+                if handle_signals:
+                    root.start_soon(self._watch_signals, root.cancel_scope)
+                async with trio.open_nursery() as handlers:
+                    with self._accepting:
+                        async with trio.open_nursery() as accepting:
+                            for listener in listeners:
+                                accepting.start_soon(self._accept_loop, listener, handlers)
+                            task_status.started(addresses)
+                    # Draining: no more accepts.
+                    for listener in listeners:
+                        await trio.aclose_forcefully(listener)
+                    log.info(
+                        "draining %d connection(s), grace %.1f s",
+                        self.state.open_connections,
+                        config.grace,
+                    )
+                    self.state.drain()
+                    handlers.cancel_scope.deadline = trio.current_time() + config.grace
+                root.cancel_scope.cancel()
+        finally:
+            for listener in listeners:
+                await trio.aclose_forcefully(listener)
+            await self.engine.pool.aclose()
+            self._stopped.set()
+        log.info("stopped")
+
+    async def _accept_loop(self, listener: trio.SocketListener, handlers: trio.Nursery) -> None:
+        while True:
+            try:
+                stream = await listener.accept()
+            except OSError as exc:
+                if exc.errno in _ACCEPT_CAPACITY_ERRNOS:
+                    log.error("accept: %s; retrying in 100 ms", exc.strerror)
+                    await trio.sleep(0.1)
+                    continue
+                raise
+            handlers.start_soon(self._serve_connection, stream)
+
+    async def _serve_connection(self, stream: trio.SocketStream) -> None:
+        try:
+            await ClientConnection(stream, self.state).serve()
+        except Exception:
+            # A bug must cost one connection, not the server: log it for the
+            # operator (the client only sees its connection close).
+            log.exception("connection handler failed")
+
+    async def _watch_signals(self, root: trio.CancelScope) -> None:
+        """First SIGTERM/SIGINT drains; a second one stops at once."""
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            async for signum in signals:
+                name = signal.Signals(signum).name
+                if self._accepting.cancel_called:
+                    log.warning("received %s again, stopping now", name)
+                    root.cancel()
+                    return
+                log.info("received %s, draining", name)
+                self.shutdown()
+
+
+def _address(listener: trio.SocketListener) -> tuple[str, int]:
+    host, port = listener.socket.getsockname()[:2]
+    return str(host), int(port)
+
+
+def format_url(address: tuple[str, int]) -> str:
+    host, port = address
+    if ":" in host:
+        host = f"[{host}]"
+    return f"http://{host}:{port}"
+
+
+def announce(addresses: Sequence[tuple[str, int]]) -> None:
+    """The one start line scripts read to learn the port; flushed at once."""
+    print(f"listening on {format_url(addresses[0])}", flush=True)
+    for address in addresses[1:]:
+        log.info("also listening on %s", format_url(address))

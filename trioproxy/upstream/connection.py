@@ -1,0 +1,154 @@
+"""One HTTP/1.1 connection to an upstream: a stream plus a client-role protocol.
+
+This is the I/O boundary for the upstream side: ``OSError``, trio's stream
+errors and ``ssl`` errors become :mod:`trioproxy.errors` here and nowhere else.
+"""
+
+from __future__ import annotations
+
+import select
+import ssl
+
+import trio
+
+from trioproxy.errors import (
+    UpstreamClosed,
+    UpstreamConnectError,
+    UpstreamConnectTimeout,
+    UpstreamTimeout,
+)
+from trioproxy.http.h11_impl import H11Client
+from trioproxy.http.protocol import NEED_DATA, ClientProtocol, Event
+from trioproxy.upstream.origin import Origin
+
+READ_SIZE = 65536
+
+
+class UpstreamConnection:
+    """A connected upstream socket and the parser state that goes with it.
+
+    Resource handling: the pool that opened it closes it. ``clean`` is set by
+    the engine only once an exchange finished whole (request sent, response
+    read to its end, nothing cancelled); anything else makes the pool close it.
+    """
+
+    __slots__ = ("clean", "exchanges", "idle_since", "origin", "protocol", "received", "stream")
+
+    def __init__(self, origin: Origin, stream: trio.abc.Stream, protocol: ClientProtocol) -> None:
+        self.origin = origin
+        self.stream = stream
+        self.protocol = protocol
+        self.clean = False
+        self.exchanges = 0
+        self.idle_since = 0.0
+        self.received = 0  # bytes received in the current exchange
+
+    @property
+    def reused(self) -> bool:
+        return self.exchanges > 0
+
+    async def send(self, data: bytes) -> None:
+        if not data:
+            return
+        try:
+            await self.stream.send_all(data)
+        except BaseException:
+            self.protocol.send_failed()
+            raise
+        # Mapped after send_failed so that cancellation is also recorded.
+
+    async def send_mapped(self, data: bytes) -> None:
+        try:
+            await self.send(data)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+            raise UpstreamClosed(f"writing to {self.origin}: {exc!r}") from None
+
+    async def next_event(self, read_timeout: float) -> Event:
+        """The next response event, reading with an idle timeout between reads.
+
+        Raises:
+            UpstreamTimeout: nothing arrived for ``read_timeout`` seconds.
+            UpstreamClosed: the connection closed or reset before a response head.
+            UpstreamProtocolError: the bytes are not a valid HTTP/1.1 response.
+        """
+        protocol = self.protocol
+        while True:
+            event = protocol.next_event()
+            if event is NEED_DATA:
+                data: bytes | bytearray = b""
+                with trio.move_on_after(read_timeout):
+                    try:
+                        data = await self.stream.receive_some(READ_SIZE)
+                    except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+                        raise UpstreamClosed(f"reading from {self.origin}: {exc!r}") from None
+                    if not data and not self.received:
+                        raise UpstreamClosed(f"{self.origin} closed the connection")
+                    self.received += len(data)
+                    protocol.receive_data(data)
+                    continue
+                raise UpstreamTimeout(f"{self.origin}: no data for {read_timeout} s")
+            return event  # type: ignore[return-value]
+
+    def looks_alive(self) -> bool:
+        """Whether an idle connection can be reused: nothing to read means no EOF yet.
+
+        An idle HTTP/1.1 connection has nothing to say; if its socket is
+        readable the server closed it (or sent garbage), so it is not reused.
+        """
+        stream = self.stream
+        if isinstance(stream, trio.SSLStream):
+            stream = stream.transport_stream
+        if not isinstance(stream, trio.SocketStream):  # pragma: no cover
+            return True
+        try:
+            fd = stream.socket.fileno()
+        except OSError:  # pragma: no cover
+            return False
+        if fd < 0:
+            return False
+        poller = select.poll()
+        poller.register(fd, select.POLLIN | select.POLLERR | select.POLLHUP)
+        return not poller.poll(0)
+
+    async def aclose(self) -> None:
+        await trio.aclose_forcefully(self.stream)
+
+
+async def open_connection(
+    origin: Origin,
+    *,
+    connect_timeout: float,
+    ssl_context: ssl.SSLContext | None,
+    max_head_size: int,
+) -> UpstreamConnection:
+    """Connect (and, for https, handshake) within ``connect_timeout``.
+
+    Raises:
+        UpstreamConnectTimeout: the connection or handshake took too long.
+        UpstreamConnectError: refused, unreachable, name not resolved, TLS failed.
+    """
+    stream: trio.abc.Stream | None = None
+    try:
+        with trio.fail_after(connect_timeout):
+            tcp = await trio.open_tcp_stream(origin.host, origin.port)
+            stream = tcp
+            if origin.tls:
+                assert ssl_context is not None
+                tls = trio.SSLStream(
+                    tcp, ssl_context, server_hostname=origin.host, https_compatible=True
+                )
+                stream = tls
+                await tls.do_handshake()
+    except trio.TooSlowError:
+        if stream is not None:
+            await trio.aclose_forcefully(stream)
+        raise UpstreamConnectTimeout(f"{origin}: connect took over {connect_timeout} s") from None
+    except (OSError, trio.BrokenResourceError, ssl.SSLError) as exc:
+        if stream is not None:
+            await trio.aclose_forcefully(stream)
+        raise UpstreamConnectError(f"{origin}: {exc!r}") from None
+    except BaseException:
+        if stream is not None:
+            await trio.aclose_forcefully(stream)
+        raise
+    return UpstreamConnection(origin, stream, H11Client(max_head_size))

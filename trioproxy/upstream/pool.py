@@ -1,0 +1,130 @@
+"""Per-origin pools of keep-alive upstream connections.
+
+Rules (the same as httpcore's, in trio terms):
+
+* at most ``max_per_origin`` connections to one origin are open; a caller that
+  finds them all busy waits up to ``pool_timeout`` and then gets
+  :class:`~trioproxy.errors.PoolTimeout`;
+* a connection goes back to the pool only if the engine marked it ``clean``
+  (its exchange finished whole) and the protocol says both sides keep it
+  alive; anything else — an error, a cancellation midway, ``Connection:
+  close`` — closes it, shielded, in the scope that checked it out;
+* an idle connection older than ``idle_timeout``, or whose socket became
+  readable (the server closed it), is closed instead of reused.
+"""
+
+from __future__ import annotations
+
+import ssl
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import attrs
+import trio
+
+from trioproxy.errors import PoolTimeout
+from trioproxy.upstream.connection import UpstreamConnection, open_connection
+from trioproxy.upstream.origin import Origin
+
+
+@attrs.define
+class _OriginPool:
+    limiter: trio.Semaphore
+    idle: list[UpstreamConnection] = attrs.Factory(list)
+
+
+@attrs.define
+class UpstreamPool:
+    """Connection pools for every upstream origin the proxy talks to."""
+
+    connect_timeout: float = 5.0
+    pool_timeout: float = 30.0
+    idle_timeout: float = 60.0
+    max_per_origin: int = 256
+    max_head_size: int = 65536
+    ssl_context: ssl.SSLContext | None = None
+    _pools: dict[Origin, _OriginPool] = attrs.field(factory=dict, init=False)
+
+    def _pool_for(self, origin: Origin) -> _OriginPool:
+        pool = self._pools.get(origin)
+        if pool is None:
+            pool = self._pools[origin] = _OriginPool(trio.Semaphore(self.max_per_origin))
+        return pool
+
+    def idle_count(self, origin: Origin) -> int:
+        pool = self._pools.get(origin)
+        return len(pool.idle) if pool else 0
+
+    def in_use_count(self, origin: Origin) -> int:
+        pool = self._pools.get(origin)
+        return self.max_per_origin - pool.limiter.value if pool else 0
+
+    @asynccontextmanager
+    async def connection(
+        self, origin: Origin, *, fresh: bool = False
+    ) -> AsyncIterator[UpstreamConnection]:
+        """Check out a connection to ``origin`` for one exchange.
+
+        Args:
+            fresh: open a new connection even if an idle one exists (used to
+                retry a request that failed on a reused, stale connection).
+
+        Raises:
+            PoolTimeout: every connection to the origin stayed busy.
+            UpstreamConnectError, UpstreamConnectTimeout: from connecting.
+        """
+        pool = self._pool_for(origin)
+        with trio.move_on_after(self.pool_timeout) as waited:
+            await pool.limiter.acquire()
+        if waited.cancelled_caught:
+            raise PoolTimeout(f"{origin}: {self.max_per_origin} connections busy")
+        conn: UpstreamConnection | None = None
+        try:
+            conn = await self._take_idle(pool) if not fresh else None
+            if conn is None:
+                conn = await open_connection(
+                    origin,
+                    connect_timeout=self.connect_timeout,
+                    ssl_context=self.ssl_context,
+                    max_head_size=self.max_head_size,
+                )
+            conn.clean = False
+            conn.received = 0
+            yield conn
+        finally:
+            if conn is not None:
+                if conn.clean and conn.protocol.reusable:
+                    conn.protocol.start_next_cycle()
+                    conn.exchanges += 1
+                    conn.idle_since = trio.current_time()
+                    pool.idle.append(conn)
+                    await self._close_expired(pool)
+                else:
+                    with trio.CancelScope(shield=True):
+                        await conn.aclose()
+            pool.limiter.release()
+
+    async def _take_idle(self, pool: _OriginPool) -> UpstreamConnection | None:
+        """The most recently used live idle connection; stale ones are closed."""
+        deadline = trio.current_time() - self.idle_timeout
+        while pool.idle:
+            conn = pool.idle.pop()
+            if conn.idle_since >= deadline and conn.looks_alive():
+                return conn
+            with trio.CancelScope(shield=True):
+                await conn.aclose()
+        return None
+
+    async def _close_expired(self, pool: _OriginPool) -> None:
+        # The list is ordered by idle_since: expired connections sit at its front.
+        deadline = trio.current_time() - self.idle_timeout
+        while pool.idle and pool.idle[0].idle_since < deadline:
+            with trio.CancelScope(shield=True):
+                await pool.idle.pop(0).aclose()
+
+    async def aclose(self) -> None:
+        """Close every idle connection (busy ones are closed by their users)."""
+        with trio.CancelScope(shield=True):
+            for pool in self._pools.values():
+                while pool.idle:
+                    await pool.idle.pop().aclose()
