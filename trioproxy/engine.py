@@ -141,7 +141,7 @@ class Engine:
         while True:
             async with self.pool.connection(target.origin, fresh=fresh) as conn:
                 try:
-                    await self._exchange(conn, upstream_request, has_body, downstream, record)
+                    await self._exchange(conn, upstream_request, downstream, record)
                     return
                 except UpstreamClosed:
                     # A keep-alive connection the server closed just as we picked
@@ -157,7 +157,6 @@ class Engine:
         self,
         conn: UpstreamConnection,
         request: RequestHead,
-        has_body: bool,
         downstream: Downstream,
         record: ExchangeLog,
     ) -> None:
@@ -165,7 +164,7 @@ class Engine:
         error: ProxyError | None = None
         async with trio.open_nursery() as nursery:
             nursery.start_soon(
-                self._send_request, conn, request, has_body, downstream, side, nursery.cancel_scope
+                self._send_request, conn, request, downstream, side, nursery.cancel_scope
             )
             try:
                 await self._relay_response(conn, downstream, record)
@@ -182,7 +181,6 @@ class Engine:
         self,
         conn: UpstreamConnection,
         request: RequestHead,
-        has_body: bool,
         downstream: Downstream,
         side: _RequestSide,
         cancel_scope: trio.CancelScope,
@@ -196,10 +194,11 @@ class Engine:
         protocol = conn.protocol
         try:
             await conn.send_mapped(protocol.send_head(request))
-            if has_body:
-                while data := await downstream.receive_body():
-                    side.body_started = True
-                    await conn.send_mapped(protocol.send_body(data))
+            # Read the body source to its end even when the request has no
+            # body: that is how the front end learns the request is complete.
+            while data := await downstream.receive_body():
+                side.body_started = True
+                await conn.send_mapped(protocol.send_body(data))
             await conn.send_mapped(protocol.send_end())
             side.sent = True
             await downstream.wait_disconnect()

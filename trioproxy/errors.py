@@ -40,10 +40,12 @@ class ProtocolError(ProxyError):
     status = 400
     reason = "malformed request"
 
-    def __init__(self, detail: str = "", *, status: int = 400) -> None:
+    def __init__(self, detail: str = "", *, status: int = 400, reason: str = "") -> None:
         super().__init__(detail)
         self.status = status
-        if status == 431:
+        if reason:
+            self.reason = reason
+        elif status == 431:
             self.reason = "request header fields too large"
         elif status == 501:
             self.reason = "transfer coding not implemented"

@@ -41,7 +41,7 @@ class _StrictReceiveBuffer(ReceiveBuffer):
         head_end = self._data.find(b"\r\n\r\n")
         lf_end = self._data.find(b"\n\n")
         if lf_end != -1 and (head_end == -1 or lf_end < head_end):
-            raise h11.LocalProtocolError("bare LF in message head")
+            raise h11.LocalProtocolError(_BARE_LF)
         if head_end != -1:
             _check_head_lines(bytes(self._data[: head_end + 2]))
         elif b"\n" in self._data:
@@ -51,13 +51,20 @@ class _StrictReceiveBuffer(ReceiveBuffer):
         return super().maybe_extract_lines()
 
 
+_BARE_LF = "bare LF in message head"
+_OBS_FOLD = "obsolete line folding in message head"
+_BARE_CR = "bare CR in message head"
+#: Our own messages are fixed texts, safe to show the client; h11's quote its input.
+_OWN_REASONS = frozenset({_BARE_LF, _OBS_FOLD, _BARE_CR})
+
+
 def _check_head_lines(head: bytes) -> None:
     if head.count(b"\n") != head.count(b"\r\n"):
-        raise h11.LocalProtocolError("bare LF in message head")
+        raise h11.LocalProtocolError(_BARE_LF)
     if b"\r\n " in head or b"\r\n\t" in head:
-        raise h11.LocalProtocolError("obsolete line folding in message head")
+        raise h11.LocalProtocolError(_OBS_FOLD)
     if head.count(b"\r") != head.count(b"\r\n"):
-        raise h11.LocalProtocolError("bare CR in message head")
+        raise h11.LocalProtocolError(_BARE_CR)
 
 
 def _strict_connection(role: Any, max_head_size: int) -> h11.Connection:
@@ -75,7 +82,8 @@ def _check_request_framing(headers: Headers) -> None:
         elif name == b"content-length":
             has_cl = True
     if has_te and has_cl:
-        raise ProtocolError("both Content-Length and Transfer-Encoding", status=400)
+        reason = "both Content-Length and Transfer-Encoding"
+        raise ProtocolError(reason, status=400, reason=reason)
 
 
 class _H11Base:
@@ -127,7 +135,9 @@ class H11Server(_H11Base):
         try:
             event = self._conn.next_event()
         except h11.RemoteProtocolError as exc:
-            raise ProtocolError(str(exc), status=exc.error_status_hint) from None
+            detail = str(exc)
+            reason = detail if detail in _OWN_REASONS else ""
+            raise ProtocolError(detail, status=exc.error_status_hint, reason=reason) from None
         if type(event) is h11.Data:
             return Body(bytes(event.data))
         if type(event) is h11.Request:

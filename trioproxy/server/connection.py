@@ -169,7 +169,8 @@ class ClientConnection:
             return None
         target = head.target
         if not (target.startswith(b"/") or (target == b"*" and head.method == b"OPTIONS")):
-            await self._answer_error(ProtocolError("request-target not in origin-form"), close=True)
+            reason = "request-target must be in origin-form (a path)"
+            await self._answer_error(ProtocolError(reason, reason=reason), close=True)
             return None
         return head
 

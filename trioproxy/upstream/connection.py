@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import select
 import ssl
+from collections.abc import Awaitable, Callable
 
 import trio
 
@@ -22,6 +23,13 @@ from trioproxy.http.protocol import NEED_DATA, ClientProtocol, Event
 from trioproxy.upstream.origin import Origin
 
 READ_SIZE = 65536
+
+#: Opens the byte stream to an origin (TLS is layered on top by the caller).
+Connector = Callable[[Origin], Awaitable[trio.abc.Stream]]
+
+
+async def tcp_connector(origin: Origin) -> trio.abc.Stream:
+    return await trio.open_tcp_stream(origin.host, origin.port)
 
 
 class UpstreamConnection:
@@ -120,6 +128,7 @@ async def open_connection(
     connect_timeout: float,
     ssl_context: ssl.SSLContext | None,
     max_head_size: int,
+    connector: Connector | None = None,
 ) -> UpstreamConnection:
     """Connect (and, for https, handshake) within ``connect_timeout``.
 
@@ -127,10 +136,12 @@ async def open_connection(
         UpstreamConnectTimeout: the connection or handshake took too long.
         UpstreamConnectError: refused, unreachable, name not resolved, TLS failed.
     """
+    if connector is None:
+        connector = tcp_connector
     stream: trio.abc.Stream | None = None
     try:
         with trio.fail_after(connect_timeout):
-            tcp = await trio.open_tcp_stream(origin.host, origin.port)
+            tcp = await connector(origin)
             stream = tcp
             if origin.tls:
                 assert ssl_context is not None

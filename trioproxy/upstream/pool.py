@@ -23,7 +23,7 @@ import attrs
 import trio
 
 from trioproxy.errors import PoolTimeout
-from trioproxy.upstream.connection import UpstreamConnection, open_connection
+from trioproxy.upstream.connection import Connector, UpstreamConnection, open_connection
 from trioproxy.upstream.origin import Origin
 
 
@@ -43,6 +43,8 @@ class UpstreamPool:
     max_per_origin: int = 256
     max_head_size: int = 65536
     ssl_context: ssl.SSLContext | None = None
+    #: How streams are opened; tests swap in memory streams.
+    connector: Connector | None = None
     _pools: dict[Origin, _OriginPool] = attrs.field(factory=dict, init=False)
 
     def _pool_for(self, origin: Origin) -> _OriginPool:
@@ -87,6 +89,7 @@ class UpstreamPool:
                     connect_timeout=self.connect_timeout,
                     ssl_context=self.ssl_context,
                     max_head_size=self.max_head_size,
+                    connector=self.connector,
                 )
             conn.clean = False
             conn.received = 0
