@@ -215,10 +215,15 @@ class Engine:
         if not isinstance(event, ResponseHead):
             raise UpstreamClosed(f"{conn.origin}: expected a response head, got {event!r}")
         record.status = event.status_code
+        headers = event.headers
+        if get_first(headers, b"transfer-encoding") is not None:
+            # RFC 9112 §6.3 item 3: Transfer-Encoding overrides Content-Length,
+            # and a proxy must remove the latter before forwarding.
+            headers = [(n, v) for n, v in headers if n != b"content-length"]
         await downstream.send_head(
             ResponseHead(
                 status_code=event.status_code,
-                headers=client_response_headers(event.headers, request_id=record.request_id),
+                headers=client_response_headers(headers, request_id=record.request_id),
                 reason=event.reason or _PHRASES.get(event.status_code, b""),
             )
         )

@@ -100,6 +100,12 @@ class UpstreamClosed(UpstreamError):
     reason = "upstream closed the connection"
 
 
+class RelayError(UpstreamError):
+    """A message could not be relayed as received (its framing or headers broke HTTP)."""
+
+    reason = "upstream response could not be relayed"
+
+
 class UpstreamBrokenMidBody(UpstreamError):
     """The upstream failed after the response head went to the client.
 

@@ -19,7 +19,7 @@ from typing import Any
 import h11
 from h11._receivebuffer import ReceiveBuffer
 
-from trioproxy.errors import ProtocolError, UpstreamProtocolError
+from trioproxy.errors import ProtocolError, RelayError, UpstreamProtocolError
 from trioproxy.http.protocol import (
     CONNECTION_CLOSED,
     END_OF_MESSAGE,
@@ -95,10 +95,21 @@ class _H11Base:
         self._conn.receive_data(data)  # type: ignore[arg-type]  # h11 copies into its buffer
 
     def send_body(self, data: bytes) -> bytes:
-        return self._conn.send(h11.Data(data=data)) or b""
+        return self._send(h11.Data(data=data))
 
     def send_end(self) -> bytes:
-        return self._conn.send(h11.EndOfMessage()) or b""
+        return self._send(h11.EndOfMessage())
+
+    def _send(self, event: Any) -> bytes:
+        """h11's send, with its refusal mapped: what we relay broke the framing.
+
+        That can only come from the other side of the proxy (say, an upstream
+        response body longer than its Content-Length), so it is a relay error.
+        """
+        try:
+            return self._conn.send(event) or b""
+        except h11.LocalProtocolError as exc:
+            raise RelayError(str(exc)) from None
 
     def send_failed(self) -> None:
         self._conn.send_failed()
@@ -167,7 +178,7 @@ class H11Server(_H11Base):
         event = h11.InformationalResponse(
             status_code=head.status_code, headers=head.headers, reason=head.reason
         )
-        return self._conn.send(event) or b""
+        return self._send(event)
 
     @property
     def request_method(self) -> bytes | None:
@@ -214,4 +225,4 @@ class H11Client(_H11Base):
 
     def send_head(self, head: RequestHead) -> bytes:
         event = h11.Request(method=head.method, target=head.target, headers=head.headers)
-        return self._conn.send(event) or b""
+        return self._send(event)

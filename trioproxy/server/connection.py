@@ -32,6 +32,7 @@ from trioproxy.errors import (
     MethodNotAllowed,
     ProtocolError,
     ProxyError,
+    RelayError,
     UpstreamBrokenMidBody,
 )
 from trioproxy.http.h11_impl import H11Server
@@ -254,8 +255,9 @@ class ClientConnection:
             head = ResponseHead(
                 head.status_code, [*head.headers, (b"connection", b"close")], head.reason
             )
+        data = self.protocol.send_head(head)
         self._response_started = True
-        await self._send(self.protocol.send_head(head))
+        await self._send(data)
 
     async def send_body(self, data: bytes) -> None:
         await self._send(self.protocol.send_body(data))
@@ -302,8 +304,8 @@ class ClientConnection:
             await self._send(data)
         except ClientDisconnected:
             return
-        except Exception as err:  # h11 refuses: e.g. nothing can be sent in this state
-            log.debug("could not send %d to %s: %r", status, self.client_addr, err)
+        except RelayError as err:  # the protocol refuses: nothing can be sent in this state
+            log.debug("could not send %d to %s: %s", status, self.client_addr, err.detail)
             return
         if close:
             await self._linger()
