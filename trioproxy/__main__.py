@@ -15,6 +15,7 @@ from typing import NoReturn
 import trio
 
 from trioproxy.config import Config, ConfigError
+from trioproxy.http.parsers import PARSER_CHOICES
 from trioproxy.upstream.origin import BadUpstreamURL, UpstreamURL
 
 _LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
@@ -93,6 +94,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="port to listen on; 0 picks a free one (default: %(default)s)",
     )
     add("--log-level", default="info", choices=_LOG_LEVELS, help="(default: %(default)s)")
+    add(
+        "--http",
+        default="h11",
+        choices=PARSER_CHOICES,
+        help="HTTP/1.1 parser: httptools (llhttp, fast), h11 (pure Python, the reference), "
+        "or auto = httptools when installed (default: %(default)s)",
+    )
     add(
         "--connect-timeout",
         type=_seconds,
@@ -201,6 +209,7 @@ def config_from_args(argv: Sequence[str] | None = None) -> Config:
             host=args.host,
             port=args.port,
             log_level=args.log_level,
+            http=args.http,
             connect_timeout=args.connect_timeout,
             read_timeout=args.read_timeout,
             header_timeout=args.header_timeout,

@@ -10,6 +10,7 @@ from typing import Any
 
 import attrs
 
+from trioproxy.http.parsers import resolve
 from trioproxy.upstream.origin import UpstreamURL
 
 
@@ -50,6 +51,8 @@ class Config:
     max_body_size: int | None = attrs.field(default=None)
     max_connections_per_upstream: int = attrs.field(default=256, validator=_positive)
 
+    #: Parser behind the seam: auto (httptools if importable), h11 or httptools.
+    http: str = attrs.field(default="h11")
     preserve_host: bool = False
     upstream_ca: str | None = None
     insecure: bool = False
@@ -58,6 +61,13 @@ class Config:
     def _check_port(self, attribute: attrs.Attribute[int], value: int) -> None:
         if not 0 <= value <= 65535:
             raise ConfigError(f"port: must be 0..65535, got {value!r}")
+
+    @http.validator
+    def _check_http(self, attribute: attrs.Attribute[str], value: str) -> None:
+        try:
+            resolve(value)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
 
     @max_body_size.validator
     def _check_body(self, attribute: attrs.Attribute[int | None], value: int | None) -> None:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from http import HTTPStatus
 
 import trio
@@ -44,6 +45,7 @@ from trioproxy.http.protocol import (
     EndOfMessage,
     RequestHead,
     ResponseHead,
+    ServerProtocol,
 )
 
 log = logging.getLogger("trioproxy.server")
@@ -67,6 +69,7 @@ class ServerState:
         max_header_size: int = 65536,
         max_body_size: int | None = None,
         scheme: str = "http",
+        protocol_factory: Callable[[int], ServerProtocol] = H11Server,
     ) -> None:
         self.engine = engine
         self.header_timeout = header_timeout
@@ -75,6 +78,7 @@ class ServerState:
         self.max_header_size = max_header_size
         self.max_body_size = max_body_size
         self.scheme = scheme
+        self.protocol_factory = protocol_factory
         self.draining = False
         self._idle: set[trio.CancelScope] = set()
         self.open_connections = 0
@@ -90,7 +94,7 @@ class ClientConnection:
     def __init__(self, stream: trio.SocketStream | trio.abc.Stream, state: ServerState) -> None:
         self.stream = stream
         self.state = state
-        self.protocol = H11Server(state.max_header_size)
+        self.protocol: ServerProtocol = state.protocol_factory(state.max_header_size)
         self.client_addr = _peer_host(stream)
         self.scheme = state.scheme
         self._response_started = False

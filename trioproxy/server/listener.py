@@ -29,6 +29,7 @@ import trio
 from trioproxy.balance.balancer import Balancer
 from trioproxy.config import Config
 from trioproxy.engine import Engine
+from trioproxy.http.parsers import client_factory, server_factory
 from trioproxy.server.connection import ClientConnection, ServerState
 from trioproxy.upstream.origin import UpstreamURL
 from trioproxy.upstream.pool import UpstreamPool
@@ -58,6 +59,7 @@ def build_engine(config: Config, upstreams: Sequence[UpstreamURL]) -> Engine:
         max_per_origin=config.max_connections_per_upstream,
         max_head_size=config.max_header_size,
         ssl_context=make_ssl_context(config) if needs_tls else None,
+        protocol_factory=client_factory(config.http),
     )
     return Engine(
         balancer=Balancer(list(upstreams)),
@@ -81,6 +83,7 @@ class ProxyServer:
             keepalive_timeout=config.keepalive_timeout,
             max_header_size=config.max_header_size,
             max_body_size=config.max_body_size,
+            protocol_factory=server_factory(config.http),
         )
         self._accepting = trio.CancelScope()
         self._stopped = trio.Event()

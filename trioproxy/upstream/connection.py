@@ -129,6 +129,7 @@ async def open_connection(
     ssl_context: ssl.SSLContext | None,
     max_head_size: int,
     connector: Connector | None = None,
+    protocol_factory: Callable[[int], ClientProtocol] = H11Client,
 ) -> UpstreamConnection:
     """Connect (and, for https, handshake) within ``connect_timeout``.
 
@@ -162,4 +163,4 @@ async def open_connection(
         if stream is not None:
             await trio.aclose_forcefully(stream)
         raise
-    return UpstreamConnection(origin, stream, H11Client(max_head_size))
+    return UpstreamConnection(origin, stream, protocol_factory(max_head_size))

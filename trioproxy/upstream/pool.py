@@ -16,13 +16,15 @@ Rules (the same as httpcore's, in trio terms):
 from __future__ import annotations
 
 import ssl
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
 import attrs
 import trio
 
 from trioproxy.errors import PoolTimeout
+from trioproxy.http.h11_impl import H11Client
+from trioproxy.http.protocol import ClientProtocol
 from trioproxy.upstream.connection import Connector, UpstreamConnection, open_connection
 from trioproxy.upstream.origin import Origin
 
@@ -45,6 +47,8 @@ class UpstreamPool:
     ssl_context: ssl.SSLContext | None = None
     #: How streams are opened; tests swap in memory streams.
     connector: Connector | None = None
+    #: The parser seam's client implementation (see trioproxy.http.parsers).
+    protocol_factory: Callable[[int], ClientProtocol] = H11Client
     _pools: dict[Origin, _OriginPool] = attrs.field(factory=dict, init=False)
 
     def _pool_for(self, origin: Origin) -> _OriginPool:
@@ -90,6 +94,7 @@ class UpstreamPool:
                     ssl_context=self.ssl_context,
                     max_head_size=self.max_head_size,
                     connector=self.connector,
+                    protocol_factory=self.protocol_factory,
                 )
             conn.clean = False
             conn.received = 0

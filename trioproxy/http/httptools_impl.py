@@ -1,0 +1,518 @@
+"""The httptools (llhttp) implementation of the parser seam: the fast one.
+
+llhttp parses in C and calls back per element; the callbacks below turn that
+into the seam's event queue. Writing is ours: heads are joined from headers
+that were validated when they were parsed (by llhttp, on either side) or are
+the proxy's own constants, so nothing is validated twice on the way out.
+
+Where llhttp and the seam's contract differ, this adapter closes the gap:
+
+* llhttp accepts any ``Transfer-Encoding`` ending in ``chunked`` (``gzip,
+  chunked``); the contract answers 501 to anything but ``chunked`` alone;
+* llhttp cannot be told that a response answers a HEAD request, so the
+  parser is stopped at the end of such a head and replaced for the next one;
+* llhttp has no end-of-input call, so a body delimited by the connection
+  closing (RFC 9112 §6.3 item 8) is ended here, on ``receive_data(b"")``.
+
+llhttp itself refuses the rest of the contract (CL with TE, repeated
+Content-Length, obs-fold, bare CR or LF), as tests/http/test_conformance.py
+checks for both implementations.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from typing import Any
+
+import httptools
+
+from trioproxy.errors import ProtocolError, RelayError, UpstreamProtocolError
+from trioproxy.http.protocol import (
+    CONNECTION_CLOSED,
+    END_OF_MESSAGE,
+    NEED_DATA,
+    PAUSED,
+    Body,
+    Event,
+    Headers,
+    RequestHead,
+    ResponseHead,
+    _Sentinel,
+)
+
+_NO_BODY_STATUSES = frozenset({204, 304})
+_OWS = b" \t"
+
+
+class _StopAtHead(Exception):
+    """Raised from a callback to stop llhttp at the end of a HEAD response's head."""
+
+
+# Body framing modes of the message we send.
+_NONE, _LENGTH, _CHUNKED, _CLOSE = range(4)
+
+
+class _Writer:
+    """Our side of one cycle: serialises a head and frames its body."""
+
+    __slots__ = ("done", "failed", "mode", "must_close", "remaining", "started")
+
+    def __init__(self) -> None:
+        self.reset()
+        self.must_close = False
+        self.failed = False
+
+    def reset(self) -> None:
+        self.mode = _NONE
+        self.remaining = 0
+        self.started = False
+        self.done = False
+
+    def head(self, first_line: bytes, headers: Headers, mode: int, length: int) -> bytes:
+        self.mode = mode
+        self.remaining = length
+        self.started = True
+        parts = [first_line]
+        for name, value in headers:
+            parts += (name, b": ", value, b"\r\n")
+        parts.append(b"\r\n")
+        return b"".join(parts)
+
+    def body(self, data: bytes) -> bytes:
+        if not self.started or self.done:
+            raise RelayError("body data outside a message")
+        mode = self.mode
+        if mode == _CHUNKED:
+            if not data:
+                return b""
+            return b"%x\r\n%b\r\n" % (len(data), data)
+        if mode == _LENGTH:
+            self.remaining -= len(data)
+            if self.remaining < 0:
+                raise RelayError("too much data for the declared Content-Length")
+            return data
+        if mode == _CLOSE:
+            return data
+        if data:
+            raise RelayError("body data in a message that has no body")
+        return b""
+
+    def end(self) -> bytes:
+        if not self.started or self.done:
+            raise RelayError("end of a message that was not started")
+        self.done = True
+        if self.mode == _CHUNKED:
+            return b"0\r\n\r\n"
+        if self.mode == _LENGTH and self.remaining:
+            raise RelayError("message ended before its declared Content-Length")
+        if self.mode == _CLOSE:
+            self.must_close = True
+        return b""
+
+
+def _framing(headers: Headers) -> tuple[int | None, bool]:
+    """(Content-Length or None, has Transfer-Encoding) of headers we are about to send."""
+    length: int | None = None
+    chunked = False
+    for name, value in headers:
+        if name == b"content-length":
+            length = int(value)
+        elif name == b"transfer-encoding":
+            chunked = True
+    return length, chunked
+
+
+def _says_close(headers: Headers) -> bool:
+    for name, value in headers:
+        if name == b"connection" and b"close" in value.lower():
+            return True
+    return False
+
+
+class _Base:
+    """The parsed side: an event queue fed by llhttp callbacks."""
+
+    def __init__(self, max_head_size: int) -> None:
+        self._max_head_size = max_head_size
+        self._events: deque[Event] = deque()
+        self._headers: Headers = []
+        self._in_head = False
+        self._message_open = False
+        self._head_bytes = 0
+        self._their_done = False  # delivered EndOfMessage this cycle
+        self._peer_complete = 0  # messages completed by the parser, not yet delivered
+        self._eof = False
+        self._pending = 0  # bytes received after the peer's message completed
+        self._keep_alive = True
+        self._writer = _Writer()
+        # A parse error is raised by next_event once the events before it are
+        # delivered, as h11 does: receive_data never raises.
+        self._error: Exception | None = None
+
+    # -- llhttp callbacks shared by both roles --------------------------------
+
+    def on_message_begin(self) -> None:
+        self._in_head = True
+        self._message_open = True
+        self._head_bytes = 0
+        self._headers = []
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._headers.append((name.lower(), value.rstrip(_OWS)))
+
+    def on_body(self, body: bytes) -> None:
+        self._events.append(Body(body))
+
+    def on_message_complete(self) -> None:
+        self._message_open = False
+        self._events.append(END_OF_MESSAGE)
+        self._peer_complete += 1
+
+    # -- the seam ------------------------------------------------------------------
+
+    def _check_head_size(self, fed: int) -> None:
+        """After a feed: a head still incomplete may not grow past the limit.
+
+        The whole chunk in which a head began counts, which errs on the strict
+        side by at most what preceded the head in that chunk; a complete head
+        is measured exactly in ``on_headers_complete``.
+        """
+        if self._in_head:
+            self._head_bytes += fed
+            if self._head_bytes > self._max_head_size:
+                self._head_too_large()
+
+    def _feed(self, data: bytes | bytearray) -> None:
+        """Feed llhttp; an error is kept for next_event (callback ones unwrapped)."""
+        if self._error is not None:
+            return
+        try:
+            self._parser.feed_data(data)
+            self._check_head_size(len(data))
+        except httptools.HttpParserCallbackError as exc:
+            context = exc.__context__
+            if isinstance(context, _StopAtHead):
+                raise context from None
+            self._error = (
+                context if isinstance(context, Exception) else self._parse_error(str(exc))
+            )
+        except httptools.HttpParserUpgrade:
+            raise
+        except httptools.HttpParserError as exc:
+            self._error = self._parse_error(str(exc))
+        except (ProtocolError, UpstreamProtocolError) as exc:
+            self._error = exc
+
+    def _parse_error(self, detail: str) -> Exception:
+        raise NotImplementedError
+
+    _parser: Any  # the role's llhttp parser
+
+    def _head_too_large(self) -> None:
+        raise NotImplementedError
+
+    def next_event(self) -> Event | _Sentinel:
+        if self._their_done:
+            return PAUSED
+        if self._events:
+            event = self._events.popleft()
+            if event is END_OF_MESSAGE:
+                self._their_done = True
+                self._peer_complete -= 1
+            return event
+        if self._error is not None:
+            raise self._error
+        if self._eof:
+            return self._at_eof()
+        return NEED_DATA
+
+    def _at_eof(self) -> Event:
+        raise NotImplementedError
+
+    def send_body(self, data: bytes) -> bytes:
+        return self._writer.body(data)
+
+    def send_end(self) -> bytes:
+        return self._writer.end()
+
+    def send_failed(self) -> None:
+        self._writer.failed = True
+
+    @property
+    def reusable(self) -> bool:
+        writer = self._writer
+        return (
+            self._their_done
+            and writer.done
+            and self._keep_alive
+            and not writer.must_close
+            and not writer.failed
+        )
+
+    @property
+    def our_done(self) -> bool:
+        return self._writer.done
+
+    @property
+    def peer_done(self) -> bool:
+        return self._their_done
+
+    @property
+    def buffered(self) -> int:
+        return self._pending
+
+    def start_next_cycle(self) -> None:
+        if not self.reusable:
+            raise RelayError("cannot start a new cycle on this connection")
+        self._writer.reset()
+        self._their_done = False
+        self._pending = 0
+
+
+class HttptoolsServer(_Base):
+    """Server role: parses requests (llhttp), writes responses."""
+
+    def __init__(self, max_head_size: int = 65536) -> None:
+        super().__init__(max_head_size)
+        self._parser: httptools.HttpRequestParser = httptools.HttpRequestParser(self)
+        self._url = b""
+        self._method: bytes | None = None
+        self._version = b"1.1"
+        self._expect_continue = False
+        self._body_seen = False
+        # (keep-alive, expects 100-continue) of each parsed head not yet delivered.
+        self._head_meta: deque[tuple[bool, bool]] = deque()
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self._url = b""
+
+    def on_url(self, url: bytes) -> None:
+        self._url += url
+
+    def on_headers_complete(self) -> None:
+        parser = self._parser
+        headers = self._headers
+        self._in_head = False
+        head_size = len(self._url) + sum(len(n) + len(v) + 4 for n, v in headers)
+        if head_size > self._max_head_size:
+            self._head_too_large()
+        expect = False
+        for name, value in headers:
+            if name == b"transfer-encoding" and value.lower() != b"chunked":
+                raise ProtocolError("unsupported Transfer-Encoding", status=501)
+            if name == b"expect" and value.lower() == b"100-continue":
+                expect = True
+        self._head_meta.append((parser.should_keep_alive(), expect))
+        self._events.append(
+            RequestHead(
+                method=parser.get_method(),
+                target=self._url,
+                headers=headers,
+                http_version=parser.get_http_version().encode("ascii"),
+            )
+        )
+
+    def _head_too_large(self) -> None:
+        raise ProtocolError("request head too large", status=431)
+
+    def _parse_error(self, detail: str) -> Exception:
+        return ProtocolError(detail, status=400)
+
+    def receive_data(self, data: bytes | bytearray) -> None:
+        if not data:
+            self._eof = True
+            return
+        if self._their_done:
+            self._pending += len(data)
+        try:
+            self._feed(data)
+        except httptools.HttpParserUpgrade as exc:
+            # CONNECT or an Upgrade request ended its message; llhttp stops
+            # there. The handler refuses CONNECT; an Upgrade that is not
+            # taken up is an ordinary request, so parse what follows afresh.
+            offset = exc.args[0] if exc.args and isinstance(exc.args[0], int) else len(data)
+            self._parser = httptools.HttpRequestParser(self)
+            if offset < len(data):
+                self.receive_data(bytes(data)[offset:])
+
+    def next_event(self) -> Event | _Sentinel:
+        event = super().next_event()
+        if type(event) is RequestHead:
+            keep_alive, expect = self._head_meta.popleft()
+            self._method = event.method
+            self._version = event.http_version
+            self._keep_alive = keep_alive
+            self._expect_continue = expect and event.http_version == b"1.1"
+            self._body_seen = False
+        elif type(event) is Body:
+            self._body_seen = True
+        return event
+
+    def _at_eof(self) -> Event:
+        if self._message_open:
+            raise ProtocolError("connection closed in the middle of a request")
+        return CONNECTION_CLOSED
+
+    def send_informational(self, head: ResponseHead) -> bytes:
+        return b"HTTP/1.1 %d %b\r\n\r\n" % (head.status_code, head.reason)
+
+    def send_head(self, head: ResponseHead) -> bytes:
+        if self._writer.started:
+            raise RelayError("a response head was already sent")
+        headers = head.headers
+        status = head.status_code
+        length, chunked = _framing(headers)
+        no_body = self._method == b"HEAD" or status < 200 or status in _NO_BODY_STATUSES
+        if no_body:
+            mode = _NONE
+        elif length is not None:
+            mode = _LENGTH
+        elif chunked:
+            mode = _CHUNKED
+        elif self._version == b"1.1":
+            mode = _CHUNKED
+            headers = [*headers, (b"transfer-encoding", b"chunked")]
+        else:
+            mode = _CLOSE
+        if _says_close(headers):
+            self._writer.must_close = True
+        elif mode == _CLOSE or not self._keep_alive or self._version != b"1.1":
+            self._writer.must_close = True
+            headers = [*headers, (b"connection", b"close")]
+        self._expect_continue = False
+        first = b"HTTP/1.1 %d %b\r\n" % (status, head.reason)
+        return self._writer.head(first, headers, mode, length or 0)
+
+    @property
+    def request_method(self) -> bytes | None:
+        return self._method
+
+    @property
+    def client_is_waiting_for_100_continue(self) -> bool:
+        return self._expect_continue and not self._body_seen and not self._writer.started
+
+    def start_next_cycle(self) -> None:
+        super().start_next_cycle()
+        self._method = None
+
+
+class HttptoolsClient(_Base):
+    """Client role: writes requests, parses responses (1xx other than 101 are skipped)."""
+
+    def __init__(self, max_head_size: int = 65536) -> None:
+        super().__init__(max_head_size)
+        self._parser: httptools.HttpResponseParser = httptools.HttpResponseParser(self)
+        self._reason = b""
+        self._method = b""
+        self._informational = False
+        self._close_delimited = False
+        self._head_seen = False
+        self._stopped_at_head = False
+
+    def on_status(self, status: bytes) -> None:
+        self._reason += status
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self._reason = b""
+
+    def on_headers_complete(self) -> None:
+        parser = self._parser
+        self._in_head = False
+        status = parser.get_status_code()
+        if 100 <= status < 200 and status != 101:
+            self._informational = True
+            return
+        headers = self._headers
+        self._events.append(
+            ResponseHead(
+                status_code=status,
+                headers=headers,
+                reason=self._reason,
+                http_version=parser.get_http_version().encode("ascii"),
+            )
+        )
+        self._head_seen = True
+        length, chunked = _framing_received(headers)
+        if self._method == b"HEAD":
+            self._events.append(END_OF_MESSAGE)
+            self._peer_complete += 1
+            self._keep_alive = parser.should_keep_alive()
+            raise _StopAtHead
+        self._close_delimited = length is None and not chunked and status not in _NO_BODY_STATUSES
+
+    def on_message_complete(self) -> None:
+        if self._informational:
+            self._informational = False
+            return
+        self._keep_alive = self._parser.should_keep_alive()
+        super().on_message_complete()
+
+    def _head_too_large(self) -> None:
+        raise UpstreamProtocolError("response head too large")
+
+    def _parse_error(self, detail: str) -> Exception:
+        return UpstreamProtocolError(detail)
+
+    def receive_data(self, data: bytes | bytearray) -> None:
+        if not data:
+            self._eof = True
+            return
+        if self._stopped_at_head or self._their_done:
+            # Bytes after a complete response that nobody asked for.
+            self._keep_alive = False
+            self._pending += len(data)
+            return
+        try:
+            self._feed(data)
+        except _StopAtHead:
+            # A HEAD response ends with its head; anything after it in the
+            # same read was never asked for, so the connection is not reused.
+            self._stopped_at_head = True
+            self._message_open = False
+            if data[-4:] != b"\r\n\r\n":
+                self._keep_alive = False
+
+    def _at_eof(self) -> Event:
+        if self._close_delimited and self._head_seen:
+            self._close_delimited = False
+            self._keep_alive = False
+            self._peer_complete += 1
+            self._events.append(END_OF_MESSAGE)
+            return self.next_event()  # type: ignore[return-value]
+        if not self._message_open:
+            return CONNECTION_CLOSED
+        raise UpstreamProtocolError("connection closed in the middle of a response")
+
+    def send_head(self, head: RequestHead) -> bytes:
+        if self._writer.started:
+            raise RelayError("a request head was already sent")
+        length, chunked = _framing(head.headers)
+        if length is not None:
+            mode = _LENGTH
+        elif chunked:
+            mode = _CHUNKED
+        else:
+            mode = _NONE
+        self._method = head.method
+        first = b"%b %b HTTP/1.1\r\n" % (head.method, head.target)
+        return self._writer.head(first, head.headers, mode, length or 0)
+
+    def start_next_cycle(self) -> None:
+        super().start_next_cycle()
+        self._head_seen = False
+        if self._stopped_at_head:
+            self._parser = httptools.HttpResponseParser(self)
+            self._stopped_at_head = False
+
+
+def _framing_received(headers: Headers) -> tuple[int | None, bool]:
+    length: int | None = None
+    chunked = False
+    for name, value in headers:
+        if name == b"content-length":
+            length = int(value) if value.isdigit() else -1
+        elif name == b"transfer-encoding":
+            chunked = True
+    return length, chunked
