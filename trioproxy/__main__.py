@@ -263,9 +263,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    status = 0
     try:
         status = trio.run(_main, config)
-    except KeyboardInterrupt:
+    except* KeyboardInterrupt:
+        # Ctrl-C before the signal handlers are in place (nurseries wrap it).
         status = 0
     sys.exit(status)
 

@@ -54,6 +54,14 @@ log = logging.getLogger("trioproxy.engine")
 
 _PHRASES = {status.value: status.phrase.encode() for status in HTTPStatus}
 
+_VIA = {b"1.1": b"1.1 trioproxy", b"1.0": b"1.0 trioproxy"}
+
+
+def _via(http_version: bytes) -> bytes:
+    """Our Via entry: the protocol version we received, then our name (RFC 9110 §7.6.3)."""
+    return _VIA.get(http_version) or b"%b trioproxy" % http_version
+
+
 IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE", b"TRACE"})
 
 
@@ -130,6 +138,7 @@ class Engine:
                 upstream_host=target.origin.host_header,
                 preserve_host=self.preserve_host,
                 request_id=record.request_id,
+                via=_via(request.http_version),
             ),
             http_version=b"1.1",
         )
@@ -223,7 +232,9 @@ class Engine:
         await downstream.send_head(
             ResponseHead(
                 status_code=event.status_code,
-                headers=client_response_headers(headers, request_id=record.request_id),
+                headers=client_response_headers(
+                    headers, request_id=record.request_id, via=_via(event.http_version)
+                ),
                 reason=event.reason or _PHRASES.get(event.status_code, b""),
             )
         )

@@ -54,8 +54,9 @@ class _StrictReceiveBuffer(ReceiveBuffer):
 _BARE_LF = "bare LF in message head"
 _OBS_FOLD = "obsolete line folding in message head"
 _BARE_CR = "bare CR in message head"
+_MANY_LENGTHS = "more than one Content-Length"
 #: Our own messages are fixed texts, safe to show the client; h11's quote its input.
-_OWN_REASONS = frozenset({_BARE_LF, _OBS_FOLD, _BARE_CR})
+_OWN_REASONS = frozenset({_BARE_LF, _OBS_FOLD, _BARE_CR, _MANY_LENGTHS})
 
 
 def _check_head_lines(head: bytes) -> None:
@@ -65,6 +66,14 @@ def _check_head_lines(head: bytes) -> None:
         raise h11.LocalProtocolError(_OBS_FOLD)
     if head.count(b"\r") != head.count(b"\r\n"):
         raise h11.LocalProtocolError(_BARE_CR)
+    # h11 merges equal repeated Content-Length lines (and "3, 3"); llhttp and
+    # nginx refuse them, and so do we (RFC 9112 §6.3 item 5 allows either).
+    lowered = head.lower()
+    count = lowered.count(b"\ncontent-length:")
+    if count > 1 or (
+        count and b"," in lowered.split(b"\ncontent-length:", 1)[1].split(b"\r", 1)[0]
+    ):
+        raise h11.LocalProtocolError(_MANY_LENGTHS)
 
 
 def _strict_connection(role: Any, max_head_size: int) -> h11.Connection:
@@ -73,14 +82,24 @@ def _strict_connection(role: Any, max_head_size: int) -> h11.Connection:
     return conn
 
 
-def _check_request_framing(headers: Headers) -> None:
+def _check_request(target: bytes, headers: Headers, max_head_size: int) -> None:
+    """What h11 lets through and the seam's contract does not.
+
+    h11 bounds only an *incomplete* head by max_incomplete_event_size; a whole
+    head that arrives in one read is measured here (as the httptools adapter
+    measures it).
+    """
     has_te = False
     has_cl = False
-    for name, _ in headers:
+    size = len(target)
+    for name, value in headers:
+        size += len(name) + len(value) + 4
         if name == b"transfer-encoding":
             has_te = True
         elif name == b"content-length":
             has_cl = True
+    if size > max_head_size:
+        raise ProtocolError("request head too large", status=431)
     if has_te and has_cl:
         reason = "both Content-Length and Transfer-Encoding"
         raise ProtocolError(reason, status=400, reason=reason)
@@ -137,10 +156,11 @@ class _H11Base:
 class H11Server(_H11Base):
     """Server role: parses requests, writes responses."""
 
-    __slots__ = ()
+    __slots__ = ("_max_head_size",)
 
     def __init__(self, max_head_size: int = 65536) -> None:
         self._conn = _strict_connection(h11.SERVER, max_head_size)
+        self._max_head_size = max_head_size
 
     def next_event(self) -> Event | _Sentinel:
         try:
@@ -153,7 +173,7 @@ class H11Server(_H11Base):
             return Body(bytes(event.data))
         if type(event) is h11.Request:
             headers = list(event.headers)
-            _check_request_framing(headers)
+            _check_request(event.target, headers, self._max_head_size)
             return RequestHead(
                 method=event.method,
                 target=event.target,

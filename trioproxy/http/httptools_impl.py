@@ -193,9 +193,7 @@ class _Base:
             context = exc.__context__
             if isinstance(context, _StopAtHead):
                 raise context from None
-            self._error = (
-                context if isinstance(context, Exception) else self._parse_error(str(exc))
-            )
+            self._error = context if isinstance(context, Exception) else self._parse_error(str(exc))
         except httptools.HttpParserUpgrade:
             raise
         except httptools.HttpParserError as exc:

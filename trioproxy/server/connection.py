@@ -203,7 +203,8 @@ class ClientConnection:
                 return False
             close = self.state.draining or not self.protocol.peer_done
             await self._answer_error(exc, close=close, request_id=record.request_id)
-            return not close
+            # The client may have asked to close (Connection: close, HTTP/1.0).
+            return not close and self.protocol.reusable
         self._access(head, record, started, "")
         if not self.protocol.peer_done:
             # The upstream answered before the request body ended.
@@ -229,7 +230,10 @@ class ClientConnection:
             while True:
                 event = protocol.next_event()
                 if event is NEED_DATA:
-                    protocol.receive_data(await self._receive())
+                    data = await self._receive()
+                    if not data:
+                        raise ClientDisconnected("EOF in the request body")
+                    protocol.receive_data(data)
                     continue
                 if type(event) is Body:
                     self._body_received += len(event.data)

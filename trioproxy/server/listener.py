@@ -119,7 +119,9 @@ class ProxyServer:
         try:
             async with trio.open_nursery() as root:
                 if handle_signals:
-                    root.start_soon(self._watch_signals, root.cancel_scope)
+                    # Installed before we report ready: a signal sent as soon as
+                    # "listening on" is read must drain, not kill.
+                    await root.start(self._watch_signals, root.cancel_scope)
                 async with trio.open_nursery() as handlers:
                     with self._accepting:
                         async with trio.open_nursery() as accepting:
@@ -164,9 +166,15 @@ class ProxyServer:
             # operator (the client only sees its connection close).
             log.exception("connection handler failed")
 
-    async def _watch_signals(self, root: trio.CancelScope) -> None:
+    async def _watch_signals(
+        self,
+        root: trio.CancelScope,
+        *,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
         """First SIGTERM/SIGINT drains; a second one stops at once."""
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            task_status.started()
             async for signum in signals:
                 name = signal.Signals(signum).name
                 if self._accepting.cancel_called:

@@ -158,7 +158,9 @@ async def open_connection(
     except (OSError, trio.BrokenResourceError, ssl.SSLError) as exc:
         if stream is not None:
             await trio.aclose_forcefully(stream)
-        raise UpstreamConnectError(f"{origin}: {exc!r}") from None
+        # trio wraps a failed TLS handshake; the ssl error says why.
+        cause = exc.__cause__ if isinstance(exc, trio.BrokenResourceError) else None
+        raise UpstreamConnectError(f"{origin}: {cause or exc!r}") from None
     except BaseException:
         if stream is not None:
             await trio.aclose_forcefully(stream)
