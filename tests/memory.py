@@ -510,8 +510,8 @@ def start_proxy(
 ) -> Proxy:
     """Pool, engine and server state wired as ``listener.build_engine`` does, to ``upstream``.
 
-    ``max_body_size`` goes to both the engine (Content-Length checked up front) and the
-    handler (streamed bodies), as the listener sets it. ``parser`` (default: the module's
+    ``max_body_size`` goes to the handler (declared lengths up front, streamed bodies
+    as they arrive), as the listener sets it. ``parser`` (default: the module's
     ``PARSER``) picks the seam implementation for both sides.
     """
     parser = parser or PARSER
@@ -530,7 +530,6 @@ def start_proxy(
         balancer=Balancer([UPSTREAM]),
         pool=pool,
         read_timeout=read_timeout,
-        max_body_size=max_body_size,
     )
     state = ServerState(
         engine,

@@ -32,7 +32,6 @@ import trio
 
 from trioproxy.balance.balancer import Balancer
 from trioproxy.errors import (
-    BodyTooLarge,
     ProxyError,
     UpstreamBrokenMidBody,
     UpstreamClosed,
@@ -114,17 +113,12 @@ class Engine:
     pool: UpstreamPool
     read_timeout: float = 300.0
     preserve_host: bool = False
-    max_body_size: int | None = None
 
     async def handle(
         self, request: RequestHead, downstream: Downstream, record: ExchangeLog
     ) -> None:
         """Relay one exchange; see the module docstring for what it raises."""
         record.request_id = request_id_from(request.headers) or new_request_id()
-        if self.max_body_size is not None:
-            length = get_first(request.headers, b"content-length")
-            if length is not None and length.isdigit() and int(length) > self.max_body_size:
-                raise BodyTooLarge(f"Content-Length {length.decode()} > {self.max_body_size}")
 
         target = self.balancer.pick()
         record.upstream = target.text

@@ -6,8 +6,8 @@ them all. The refusals pin the framing rules that keep the proxy safe from reque
 smuggling (RFC 9112 §2.2, §5.2, §6.1, §6.3); h11 accepts some of them, so these tests
 also pin its adapter's own checks (and the h11 minor version it was written against).
 
-A bug that one implementation has is marked with ``memory.known_bug``, a strict xfail for
-that implementation only.
+A bug that one implementation has can be marked with ``memory.known_bug``, a strict xfail
+for that implementation only.
 """
 
 from __future__ import annotations
@@ -15,7 +15,6 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import pytest
-from memory import known_bug
 
 from trioproxy.errors import ProtocolError, UpstreamProtocolError
 from trioproxy.http.h11_impl import H11Client, H11Server
@@ -252,13 +251,6 @@ def test_buffered_counts_a_pipelined_request_not_yet_delivered(
     server_factory: ServerFactory, implementation: str, request: pytest.FixtureRequest
 ) -> None:
     """The handler reads ``buffered > 0`` as "a request is waiting" (not idle, 408 if slow)."""
-    known_bug(
-        request,
-        implementation,
-        where="httptools",
-        bug="buffered stays 0 when the pipelined request came in the same read as the "
-        "previous one (llhttp parsed it at once; only bytes fed after the end count)",
-    )
     server = server_factory(65536)
     feed(server, GET + GET)
     assert server.buffered > 0
@@ -305,13 +297,6 @@ def test_head_response_has_no_body(server_factory: ServerFactory) -> None:
 def test_expect_100_continue(
     server_factory: ServerFactory, implementation: str, request: pytest.FixtureRequest
 ) -> None:
-    known_bug(
-        request,
-        implementation,
-        where="httptools",
-        bug="send_informational() does not clear client_is_waiting_for_100_continue "
-        "(only a body event or a final response head does)",
-    )
     server = server_factory(65536)
     feed(
         server,
@@ -386,39 +371,13 @@ REFUSED: dict[str, tuple[bytes, int | set[int]]] = {
 }
 
 
-#: Refusals an implementation is known to miss (reported bugs): name -> (implementation, bug).
-MISSED_REFUSALS = {
-    "bad-request-line": (
-        "httptools",
-        "llhttp takes 'GET /' without a version as an HTTP/0.9 request and the adapter "
-        "passes it on (RequestHead http_version=b'0.9'); h11 answers 400",
-    ),
-    "http-1-1-without-host": (
-        "httptools",
-        "an HTTP/1.1 request without Host is accepted; RFC 9112 §3.2 says a server MUST "
-        "answer 400 (h11 does)",
-    ),
-}
-
-
-def expect_refusal_bug(request: pytest.FixtureRequest, implementation: str, name: str) -> None:
-    if name in MISSED_REFUSALS:
-        where, bug = MISSED_REFUSALS[name]
-        known_bug(request, implementation, where=where, bug=bug)
-
-
 @pytest.mark.parametrize("name", REFUSED)
 def test_refused(
     server_factory: ServerFactory, implementation: str, request: pytest.FixtureRequest, name: str
 ) -> None:
-    expect_refusal_bug(request, implementation, name)
     data, status = REFUSED[name]
     statuses = status if isinstance(status, set) else {status}
     assert refusal(server_factory, data) in statuses
-
-
-#: The refusals made by the h11 adapter itself rather than by h11.
-_NOT_STICKY_UNDER_H11 = {"cl-then-te", "te-then-cl", "cl-and-te-with-body"}
 
 
 @pytest.mark.parametrize("name", REFUSED)
@@ -426,15 +385,6 @@ def test_a_refusal_is_final(
     server_factory: ServerFactory, implementation: str, request: pytest.FixtureRequest, name: str
 ) -> None:
     """After ProtocolError no later call yields a body or an end of message for that request."""
-    expect_refusal_bug(request, implementation, name)
-    if name in _NOT_STICKY_UNDER_H11:
-        known_bug(
-            request,
-            implementation,
-            where="h11",
-            bug="H11Server's own framing check (CL with TE) raises once, then next_event() "
-            "goes on parsing the body as h11 framed it (chunked) up to EndOfMessage",
-        )
     data = REFUSED[name][0]
     server = server_factory(65536)
     server.receive_data(data + b"0\r\n\r\n")
@@ -680,13 +630,6 @@ def test_client_refuses_an_invalid_response(client_factory: ClientFactory, data:
 def test_client_head_over_max_head_size(
     client_factory: ClientFactory, implementation: str, request: pytest.FixtureRequest
 ) -> None:
-    known_bug(
-        request,
-        implementation,
-        where={"h11", "httptools"},
-        bug="the client role bounds only an incomplete response head: a whole head over "
-        "max_head_size that arrives in one read is accepted (the server role measures it)",
-    )
     client = client_factory(1024)
     request_bytes(client)
     client.receive_data(b"HTTP/1.1 200 OK\r\nX-Big: " + b"a" * 2000 + b"\r\n\r\n")

@@ -25,7 +25,6 @@ from memory import (
     ReceivedRequest,
     Reply,
     UpstreamPeer,
-    known_bug,
     ok,
     start_proxy,
 )
@@ -756,7 +755,6 @@ async def test_stale_keep_alive_connection_is_retried_for_get(
     nursery: trio.Nursery, autojump_clock: MockClock, parser: str, request: pytest.FixtureRequest
 ) -> None:
     """The upstream closes an idle connection just as the proxy reuses it (RFC 9112 §9.3.1)."""
-    known_bug(request, parser, where="httptools", bug=RETRY_BUG_HTTPTOOLS)
 
     async def one_shot(peer: UpstreamPeer) -> None:
         # Serves one request; reads the next one and closes without an answer.
@@ -784,16 +782,6 @@ async def test_stale_keep_alive_connection_is_retried_for_get(
     assert proxy.upstream.accepted == 2
 
 
-RETRY_BUG = (
-    "on a retry Engine._send_request calls downstream.receive_body() again after the "
-    "request already ended; "
-)
-RETRY_BUG_HTTPTOOLS = (
-    RETRY_BUG + "HttptoolsServer.next_event() says PAUSED there, so receive_body() raises "
-    "AssertionError('unexpected PAUSED in a request body'): the handler dies, no response"
-)
-
-
 async def serve_forever(peer: UpstreamPeer) -> None:
     while await peer.read_request() is not None:
         await peer.respond(ok(b"again"))
@@ -803,14 +791,6 @@ async def serve_forever(peer: UpstreamPeer) -> None:
 async def test_connection_opened_for_a_retry_is_kept(
     nursery: trio.Nursery, autojump_clock: MockClock, parser: str, request: pytest.FixtureRequest
 ) -> None:
-    known_bug(
-        request,
-        parser,
-        where="h11",
-        bug=RETRY_BUG + "under h11 receive_body() then blocks reading the client, the "
-        "response ends the exchange with side.sent False, and the new connection is closed",
-    )
-    known_bug(request, parser, where="httptools", bug=RETRY_BUG_HTTPTOOLS)
 
     async def handler(peer: UpstreamPeer) -> None:
         if peer.index == 0:
@@ -836,13 +816,6 @@ async def test_connection_opened_for_a_retry_is_kept(
 async def test_pipelined_request_behind_a_retried_get(
     nursery: trio.Nursery, autojump_clock: MockClock, parser: str, request: pytest.FixtureRequest
 ) -> None:
-    known_bug(
-        request,
-        parser,
-        where={"h11", "httptools"},
-        bug=RETRY_BUG + "with a request pipelined behind it, next_event() says PAUSED and "
-        "receive_body() raises AssertionError: the handler dies, neither request is answered",
-    )
 
     async def handler(peer: UpstreamPeer) -> None:
         if peer.index == 0:
@@ -1030,11 +1003,6 @@ async def test_chunked_body_crossing_max_body_size_is_413(
     assert proxy.pool.idle_count(ORIGIN) == 0
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG (wiring): ServerState.max_body_size alone does not refuse a declared "
-    "Content-Length; only Engine.max_body_size does, so the head reaches the upstream",
-)
 async def test_server_state_limit_alone_refuses_content_length_up_front(
     nursery: trio.Nursery,
     autojump_clock: MockClock,

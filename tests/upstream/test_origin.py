@@ -142,10 +142,6 @@ def test_credentials_are_not_echoed_beyond_the_value() -> None:
         UpstreamURL.parse("https://admin:hunter2@up.test")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: UpstreamURL.parse uses `port or default`, so port 0 silently becomes 80/443",
-)
 def test_port_zero_is_refused() -> None:
     with pytest.raises(BadUpstreamURL):
         UpstreamURL.parse("http://up.test:0")

@@ -20,6 +20,7 @@ import h11
 from h11._receivebuffer import ReceiveBuffer
 
 from trioproxy.errors import ProtocolError, RelayError, UpstreamProtocolError
+from trioproxy.http.framing import check_request_head, check_response_head
 from trioproxy.http.protocol import (
     CONNECTION_CLOSED,
     END_OF_MESSAGE,
@@ -27,7 +28,6 @@ from trioproxy.http.protocol import (
     PAUSED,
     Body,
     Event,
-    Headers,
     RequestHead,
     ResponseHead,
     _Sentinel,
@@ -35,20 +35,34 @@ from trioproxy.http.protocol import (
 
 
 class _StrictReceiveBuffer(ReceiveBuffer):
-    """h11's buffer, refusing bare-LF line ends and obs-fold in heads."""
+    """h11's buffer, refusing bare-LF line ends and obs-fold in heads.
+
+    Each call checks only the complete lines that arrived since the last one,
+    so a head trickled in one byte at a time costs linear, not quadratic, time.
+    """
+
+    _checked = 0  # bytes of the head being received already checked
 
     def maybe_extract_lines(self) -> list[bytearray] | None:
-        head_end = self._data.find(b"\r\n\r\n")
-        lf_end = self._data.find(b"\n\n")
+        data = self._data
+        start = self._checked
+        head_end = data.find(b"\r\n\r\n", max(0, start - 3))
+        lf_end = data.find(b"\n\n", max(0, start - 1))
         if lf_end != -1 and (head_end == -1 or lf_end < head_end):
             raise h11.LocalProtocolError(_BARE_LF)
         if head_end != -1:
-            _check_head_lines(bytes(self._data[: head_end + 2]))
-        elif b"\n" in self._data:
-            # Check the complete lines seen so far, to fail early.
-            last = self._data.rfind(b"\n")
-            _check_head_lines(bytes(self._data[: last + 1]))
-        return super().maybe_extract_lines()
+            _check_head_lines(bytes(data[: head_end + 2]))
+        else:
+            last = data.rfind(b"\n", start)
+            if last != -1:
+                # Check the complete lines seen so far, to fail early; a line
+                # folded onto the previous one needs that one's end in view.
+                _check_head_lines(bytes(data[max(0, start - 2) : last + 1]))
+                self._checked = last + 1
+        lines = super().maybe_extract_lines()
+        if lines is not None:
+            self._checked = 0
+        return lines
 
 
 _BARE_LF = "bare LF in message head"
@@ -80,29 +94,6 @@ def _strict_connection(role: Any, max_head_size: int) -> h11.Connection:
     conn = h11.Connection(role, max_incomplete_event_size=max_head_size)
     conn._receive_buffer = _StrictReceiveBuffer()
     return conn
-
-
-def _check_request(target: bytes, headers: Headers, max_head_size: int) -> None:
-    """What h11 lets through and the seam's contract does not.
-
-    h11 bounds only an *incomplete* head by max_incomplete_event_size; a whole
-    head that arrives in one read is measured here (as the httptools adapter
-    measures it).
-    """
-    has_te = False
-    has_cl = False
-    size = len(target)
-    for name, value in headers:
-        size += len(name) + len(value) + 4
-        if name == b"transfer-encoding":
-            has_te = True
-        elif name == b"content-length":
-            has_cl = True
-    if size > max_head_size:
-        raise ProtocolError("request head too large", status=431)
-    if has_te and has_cl:
-        reason = "both Content-Length and Transfer-Encoding"
-        raise ProtocolError(reason, status=400, reason=reason)
 
 
 class _H11Base:
@@ -156,13 +147,23 @@ class _H11Base:
 class H11Server(_H11Base):
     """Server role: parses requests, writes responses."""
 
-    __slots__ = ("_max_head_size",)
+    __slots__ = ("_error", "_max_head_size")
 
     def __init__(self, max_head_size: int = 65536) -> None:
         self._conn = _strict_connection(h11.SERVER, max_head_size)
         self._max_head_size = max_head_size
+        self._error: ProtocolError | None = None
 
     def next_event(self) -> Event | _Sentinel:
+        if self._error is not None:
+            raise self._error  # a refusal is final, as h11's own are
+        try:
+            return self._next_event()
+        except ProtocolError as exc:
+            self._error = exc
+            raise
+
+    def _next_event(self) -> Event | _Sentinel:
         try:
             event = self._conn.next_event()
         except h11.RemoteProtocolError as exc:
@@ -173,7 +174,7 @@ class H11Server(_H11Base):
             return Body(bytes(event.data))
         if type(event) is h11.Request:
             headers = list(event.headers)
-            _check_request(event.target, headers, self._max_head_size)
+            check_request_head(event.target, event.http_version, headers, self._max_head_size)
             return RequestHead(
                 method=event.method,
                 target=event.target,
@@ -212,10 +213,11 @@ class H11Server(_H11Base):
 class H11Client(_H11Base):
     """Client role: writes requests, parses responses (1xx other than 101 are skipped)."""
 
-    __slots__ = ()
+    __slots__ = ("_max_head_size",)
 
     def __init__(self, max_head_size: int = 65536) -> None:
         self._conn = _strict_connection(h11.CLIENT, max_head_size)
+        self._max_head_size = max_head_size
 
     def next_event(self) -> Event | _Sentinel:
         try:
@@ -227,9 +229,11 @@ class H11Client(_H11Base):
         if type(event) is h11.Data:
             return Body(bytes(event.data))
         if type(event) is h11.Response:
+            headers = list(event.headers)
+            check_response_head(headers, self._max_head_size)
             return ResponseHead(
                 status_code=event.status_code,
-                headers=list(event.headers),
+                headers=headers,
                 reason=event.reason,
                 http_version=event.http_version,
             )

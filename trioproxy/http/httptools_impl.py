@@ -27,6 +27,7 @@ from typing import Any
 import httptools
 
 from trioproxy.errors import ProtocolError, RelayError, UpstreamProtocolError
+from trioproxy.http.framing import check_request_head, check_response_head
 from trioproxy.http.protocol import (
     CONNECTION_CLOSED,
     END_OF_MESSAGE,
@@ -257,6 +258,10 @@ class _Base:
 
     @property
     def buffered(self) -> int:
+        # A pipelined message parsed in the same read as the current one counts
+        # too: the handler must not take the connection for idle.
+        if self._their_done and (self._events or self._message_open):
+            return max(self._pending, 1)
         return self._pending
 
     def start_next_cycle(self) -> None:
@@ -292,9 +297,8 @@ class HttptoolsServer(_Base):
         parser = self._parser
         headers = self._headers
         self._in_head = False
-        head_size = len(self._url) + sum(len(n) + len(v) + 4 for n, v in headers)
-        if head_size > self._max_head_size:
-            self._head_too_large()
+        version = parser.get_http_version().encode("ascii")
+        check_request_head(self._url, version, headers, self._max_head_size)
         expect = False
         for name, value in headers:
             if name == b"transfer-encoding" and value.lower() != b"chunked":
@@ -307,7 +311,7 @@ class HttptoolsServer(_Base):
                 method=parser.get_method(),
                 target=self._url,
                 headers=headers,
-                http_version=parser.get_http_version().encode("ascii"),
+                http_version=version,
             )
         )
 
@@ -353,6 +357,7 @@ class HttptoolsServer(_Base):
         return CONNECTION_CLOSED
 
     def send_informational(self, head: ResponseHead) -> bytes:
+        self._expect_continue = False
         return b"HTTP/1.1 %d %b\r\n\r\n" % (head.status_code, head.reason)
 
     def send_head(self, head: ResponseHead) -> bytes:
@@ -423,6 +428,7 @@ class HttptoolsClient(_Base):
             self._informational = True
             return
         headers = self._headers
+        check_response_head(headers, self._max_head_size)
         self._events.append(
             ResponseHead(
                 status_code=status,

@@ -5,8 +5,9 @@ library directly. They drive one small sans-I/O interface, shaped like h11's:
 
 * ``receive_data(bytes)`` feeds what the socket gave (``b""`` means EOF);
 * ``next_event()`` returns the next parsed event, or ``NEED_DATA`` when more
-  bytes are needed, or ``PAUSED`` when the peer started its next message before
-  our side finished the current cycle (pipelining);
+  bytes are needed; once the peer's message of this cycle has ended it returns
+  ``PAUSED`` or ``NEED_DATA`` (either; callers treat both as "nothing for this
+  cycle") until ``start_next_cycle()``;
 * ``send_head`` / ``send_body`` / ``send_end`` return the bytes to write;
 * ``start_next_cycle()`` moves a keep-alive connection on to its next
   request/response pair.
@@ -23,7 +24,11 @@ Framing contract (RFC 9112 §6). Whatever the implementation, a
   differing ``Content-Length`` values (§6.3 items 3 and 5);
 * any ``Transfer-Encoding`` other than a single ``chunked`` (501);
 * header lines folded onto the next line (obs-fold, §5.2) or ended by a bare LF;
-* a head larger than ``max_head_size`` (431).
+* a head larger than ``max_head_size`` (431), whole or still incomplete;
+* an HTTP/1.1 request without exactly one ``Host`` (400, RFC 9112 §3.2);
+* a version other than HTTP/1.0 and 1.1 (505; 400 for HTTP/0.9).
+
+Refusals are final: once ``next_event`` raised, it raises again.
 
 It does not judge the request-target: refusing absolute-form and CONNECT
 targets is the connection handler's policy, done the same for every
@@ -155,4 +160,4 @@ class ClientProtocol(HTTPProtocol, Protocol):
 
 ParserName: TypeAlias = Literal["h11"]
 ServerFactory: TypeAlias = Callable[[int], ServerProtocol]
-ClientFactory: TypeAlias = Callable[[], ClientProtocol]
+ClientFactory: TypeAlias = Callable[[int], ClientProtocol]

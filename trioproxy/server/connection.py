@@ -127,14 +127,15 @@ class ClientConnection:
         """
         protocol = self.protocol
         idle = not first and protocol.buffered == 0
-        if idle and self.state.draining:
+        if protocol.buffered == 0 and self.state.draining:
             return None
         scope = trio.CancelScope()
         scope.deadline = trio.current_time() + (
             self.state.keepalive_timeout if idle else self.state.header_timeout
         )
         partial = protocol.buffered > 0
-        if idle:
+        if not partial:
+            # Nothing of a request yet: drain may close it at once.
             self.state._idle.add(scope)
         try:
             with scope:
@@ -148,8 +149,8 @@ class ClientConnection:
                         data = await self._receive()
                         if data and not partial:
                             partial = True
+                            self.state._idle.discard(scope)
                             if idle:
-                                self.state._idle.discard(scope)
                                 scope.deadline = trio.current_time() + self.state.header_timeout
                         protocol.receive_data(data)
                         continue
@@ -179,6 +180,15 @@ class ClientConnection:
             return None
         return head
 
+    def _check_declared_length(self, head: RequestHead) -> None:
+        """A Content-Length over the body limit is refused before any upstream sees it."""
+        limit = self.state.max_body_size
+        if limit is None:
+            return
+        for name, value in head.headers:
+            if name == b"content-length" and int(value) > limit:
+                raise BodyTooLarge(f"Content-Length {value.decode()} over {limit}")
+
     async def _handle(self, head: RequestHead) -> bool:
         """Run one exchange; True if the connection may serve another request."""
         self._request = head
@@ -187,6 +197,7 @@ class ClientConnection:
         record = ExchangeLog()
         started = time.perf_counter()
         try:
+            self._check_declared_length(head)
             await self.state.engine.handle(head, self, record)
         except ClientDisconnected:
             record.status = record.status or 499
@@ -224,6 +235,9 @@ class ClientConnection:
 
     async def receive_body(self) -> bytes:
         protocol = self.protocol
+        if protocol.peer_done:
+            # Asked again (a retry replays a request that has no body).
+            return b""
         if self._body_received == 0 and protocol.client_is_waiting_for_100_continue:
             await self._send(protocol.send_informational(ResponseHead(100, [])))
         with trio.move_on_after(self.state.body_timeout):

@@ -66,7 +66,6 @@ def build_engine(config: Config, upstreams: Sequence[UpstreamURL]) -> Engine:
         pool=pool,
         read_timeout=config.read_timeout,
         preserve_host=config.preserve_host,
-        max_body_size=config.max_body_size,
     )
 
 

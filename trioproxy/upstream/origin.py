@@ -72,7 +72,9 @@ class UpstreamURL:
             prefix = parts.path.rstrip("/").encode("ascii")
         except UnicodeError:
             raise BadUpstreamURL(f"{text!r}: the path must be ASCII (percent-encode it)") from None
-        origin = Origin(parts.scheme, host, port or _DEFAULT_PORTS[parts.scheme])
+        if port == 0:
+            raise BadUpstreamURL(f"{text!r}: port 0 is not a port one can connect to")
+        origin = Origin(parts.scheme, host, _DEFAULT_PORTS[parts.scheme] if port is None else port)
         return cls(origin, prefix, text)
 
     def upstream_target(self, target: bytes) -> bytes:

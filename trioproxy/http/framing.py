@@ -1,0 +1,62 @@
+"""Rules on a parsed message head that every parser implementation applies.
+
+Parsers differ in what they let through (see the two adapters); these checks
+run on the seam's own events, so both refuse the same heads the same way.
+"""
+
+from __future__ import annotations
+
+from trioproxy.errors import ProtocolError, UpstreamProtocolError
+from trioproxy.http.protocol import Headers
+
+_VERSIONS = (b"1.1", b"1.0")
+
+
+def head_size(start_line_len: int, headers: Headers) -> int:
+    """The size of a head as received, up to the line ends (close enough for a limit)."""
+    size = start_line_len
+    for name, value in headers:
+        size += len(name) + len(value) + 4
+    return size
+
+
+def check_request_head(target: bytes, http_version: bytes, headers: Headers, limit: int) -> None:
+    """Refuse a request head the proxy must not forward.
+
+    Raises:
+        ProtocolError: 431 over ``limit``; 505 for a version other than 1.0/1.1;
+            400 for Content-Length with Transfer-Encoding (RFC 9112 §6.3) or an
+            HTTP/1.1 request without exactly one Host (RFC 9112 §3.2).
+    """
+    if http_version not in _VERSIONS:
+        if http_version[:1] in (b"0", b""):
+            raise ProtocolError("HTTP/0.9 request", status=400)
+        raise ProtocolError(
+            "unsupported HTTP version", status=505, reason="HTTP version not supported"
+        )
+    has_te = False
+    has_cl = False
+    hosts = 0
+    size = len(target)
+    for name, value in headers:
+        size += len(name) + len(value) + 4
+        if name == b"transfer-encoding":
+            has_te = True
+        elif name == b"content-length":
+            has_cl = True
+        elif name == b"host":
+            hosts += 1
+    if size > limit:
+        raise ProtocolError("request head too large", status=431)
+    if has_te and has_cl:
+        reason = "both Content-Length and Transfer-Encoding"
+        raise ProtocolError(reason, status=400, reason=reason)
+    if hosts > 1 or (hosts == 0 and http_version == b"1.1"):
+        reason = "an HTTP/1.1 request needs exactly one Host header"
+        raise ProtocolError(reason, status=400, reason=reason)
+
+
+def check_response_head(headers: Headers, limit: int) -> None:
+    """Raises UpstreamProtocolError for a response head over ``limit``."""
+    if head_size(16, headers) > limit:
+        raise UpstreamProtocolError("response head too large")
