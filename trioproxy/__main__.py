@@ -96,7 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--log-level", default="info", choices=_LOG_LEVELS, help="(default: %(default)s)")
     add(
         "--http",
-        default="h11",
+        default="auto",
         choices=PARSER_CHOICES,
         help="HTTP/1.1 parser: httptools (llhttp, fast), h11 (pure Python, the reference), "
         "or auto = httptools when installed (default: %(default)s)",

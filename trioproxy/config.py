@@ -52,7 +52,7 @@ class Config:
     max_connections_per_upstream: int = attrs.field(default=256, validator=_positive)
 
     #: Parser behind the seam: auto (httptools if importable), h11 or httptools.
-    http: str = attrs.field(default="h11")
+    http: str = attrs.field(default="auto")
     preserve_host: bool = False
     upstream_ca: str | None = None
     insecure: bool = False
