@@ -256,7 +256,9 @@ class ProxyProcess:
 
 
 @asynccontextmanager
-async def run_proxy(*args: str, env: dict[str, str] | None = None) -> AsyncIterator[ProxyProcess]:
+async def run_proxy(
+    *args: str, env: dict[str, str] | None = None, health_check: bool = False
+) -> AsyncIterator[ProxyProcess]:
     """Start the real proxy, ``python -m trioproxy --host 127.0.0.1 --port 0 *args``.
 
     Runs from the repository root, so the working tree's ``trioproxy`` is the one started.
@@ -265,12 +267,17 @@ async def run_proxy(*args: str, env: dict[str, str] | None = None) -> AsyncItera
     Args:
       args: further command-line arguments (``--upstream URL``, ...).
       env: variables to set on top of this process's environment.
+      health_check: keep the active health checks (on in the real CLI). Off by default
+        here: most tests use fault-injecting upstreams that count connections or answer
+        one canned response, which probes would disturb; the balancing tests turn it on.
 
     Yields:
       The :class:`ProxyProcess`, with ``url``, ``port``, ``pid``, ``process``, and
       ``stderr()`` for the log captured so far.
     """
     command = [sys.executable, "-m", "trioproxy", "--host", "127.0.0.1", "--port", "0", *args]
+    if not health_check and "--no-health-check" not in args:
+        command.append("--no-health-check")
     async with run_listening_process(command, env=env, cwd=REPO_ROOT) as proxy:
         yield proxy
 

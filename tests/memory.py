@@ -527,7 +527,7 @@ def start_proxy(
         protocol_factory=client_factory(parser),
     )
     engine = Engine(
-        balancer=Balancer([UPSTREAM]),
+        balancer=Balancer.of_urls([UPSTREAM]),
         pool=pool,
         read_timeout=read_timeout,
     )

@@ -12,11 +12,14 @@ import sys
 from collections.abc import Sequence
 from typing import NoReturn
 
+import attrs
 import trio
 
-from trioproxy.config import Config, ConfigError
+from trioproxy.balance.strategies import make_strategy
+from trioproxy.balance.target import TargetSpec
+from trioproxy.config import Config, ConfigError, parse_target
 from trioproxy.http.parsers import PARSER_CHOICES
-from trioproxy.upstream.origin import BadUpstreamURL, UpstreamURL
+from trioproxy.upstream.origin import UpstreamURL
 
 _LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
 
@@ -52,11 +55,27 @@ def _port(text: str) -> int:
     return int(text)
 
 
-def _upstream(text: str) -> UpstreamURL:
+def _upstream(text: str) -> TargetSpec:
     try:
-        return UpstreamURL.parse(text)
-    except BadUpstreamURL as exc:
+        return parse_target(text)
+    except ConfigError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _count(text: str) -> int:
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}")
+    return int(text)
+
+
+def _ratio(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 1: {text!r}")
+    return value
 
 
 class _Parser(argparse.ArgumentParser):
@@ -77,9 +96,17 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         type=_upstream,
         default=[],
-        metavar="URL",
-        help="upstream base URL (http:// or https://, optional path prefix); repeat the flag "
-        "for several upstreams, balanced round-robin",
+        metavar="URL[,OPTIONS]",
+        help="upstream base URL (http:// or https://, optional path prefix), optionally "
+        "followed by ,weight=N ,max_inflight=N ,health_path=/path; repeat the flag for "
+        "several upstreams",
+    )
+    add(
+        "--strategy",
+        default="round_robin",
+        metavar="NAME",
+        help="balancing: round_robin, random, weighted, least_connections, fastest, or "
+        "package.module:Class for a custom one (default: %(default)s)",
     )
     add(
         "--demo",
@@ -178,6 +205,121 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="send the client's Host header upstream instead of the upstream's",
     )
+    health = parser.add_argument_group("health checks, breaker and retries")
+    health.add_argument("--no-health-check", action="store_true", help="do not probe the upstreams")
+    health.add_argument(
+        "--health-path", default="/", metavar="PATH", help="probe path (default: %(default)s)"
+    )
+    health.add_argument(
+        "--health-method", default="HEAD", choices=("HEAD", "GET"), help="(default: %(default)s)"
+    )
+    health.add_argument(
+        "--health-interval",
+        type=_seconds,
+        default=5.0,
+        metavar="S",
+        help="seconds between probes of one upstream (default: %(default)s)",
+    )
+    health.add_argument(
+        "--health-timeout",
+        type=_seconds,
+        default=2.0,
+        metavar="S",
+        help="a probe slower than this fails (default: %(default)s)",
+    )
+    health.add_argument(
+        "--health-rise",
+        type=_count,
+        default=2,
+        metavar="N",
+        help="good probes in a row that make an upstream healthy (default: %(default)s)",
+    )
+    health.add_argument(
+        "--health-fall",
+        type=_count,
+        default=3,
+        metavar="N",
+        help="failed probes in a row that make it unhealthy (default: %(default)s)",
+    )
+    health.add_argument(
+        "--eject-after",
+        type=_count,
+        default=3,
+        metavar="N",
+        help="live connect errors or 5xx in a row that eject an upstream; 0 = never "
+        "(default: %(default)s)",
+    )
+    health.add_argument(
+        "--eject-for",
+        type=_seconds,
+        default=10.0,
+        metavar="S",
+        help="how long an ejected upstream gets no traffic (default: %(default)s)",
+    )
+    health.add_argument(
+        "--breaker-failures",
+        type=_count,
+        default=5,
+        metavar="N",
+        help="failures within --breaker-window that open an upstream's circuit; 0 = no "
+        "breaker (default: %(default)s)",
+    )
+    health.add_argument(
+        "--breaker-window", type=_seconds, default=10.0, metavar="S", help="(default: %(default)s)"
+    )
+    health.add_argument(
+        "--breaker-open-for",
+        type=_seconds,
+        default=30.0,
+        metavar="S",
+        help="how long an open circuit stays open before trial requests (default: %(default)s)",
+    )
+    health.add_argument(
+        "--breaker-half-open",
+        type=_count,
+        default=3,
+        metavar="N",
+        help="trial requests admitted while half-open (default: %(default)s)",
+    )
+    health.add_argument(
+        "--breaker-successes",
+        type=_count,
+        default=2,
+        metavar="N",
+        help="trial successes that close the circuit again (default: %(default)s)",
+    )
+    health.add_argument(
+        "--retries",
+        type=_count,
+        default=2,
+        metavar="N",
+        help="extra attempts on other upstreams where safe; 0 = none (default: %(default)s)",
+    )
+    health.add_argument(
+        "--retry-budget",
+        type=_ratio,
+        default=0.2,
+        metavar="RATIO",
+        help="retries at most this share of recent requests (default: %(default)s)",
+    )
+    health.add_argument(
+        "--retry-replay-limit",
+        type=_size,
+        default=1 << 20,
+        metavar="BYTES",
+        help="largest request body kept to be sent again on a retry (default: 1m)",
+    )
+    admin = parser.add_argument_group("admin listener")
+    admin.add_argument(
+        "--admin-port",
+        type=_port,
+        default=None,
+        metavar="PORT",
+        help="serve /health, /ping and /status on this port (default: off)",
+    )
+    admin.add_argument(
+        "--admin-host", default="127.0.0.1", metavar="HOST", help="(default: %(default)s)"
+    )
     add(
         "--upstream-ca",
         metavar="FILE",
@@ -188,6 +330,23 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="do not verify https upstream certificates (never in production)",
     )
+    websocket = parser.add_argument_group("WebSocket tunnels")
+    websocket.add_argument(
+        "--ws-max-message-size",
+        type=_size,
+        default=16 << 20,
+        metavar="BYTES",
+        help="largest WebSocket message relayed, either way; a larger one closes the tunnel "
+        "with 1009 (default: 16m)",
+    )
+    websocket.add_argument(
+        "--ws-idle-timeout",
+        type=_seconds,
+        default=0.0,
+        metavar="S",
+        help="close a WebSocket tunnel (1001) after S seconds with no data either way; "
+        "0 = never (default: 0)",
+    )
     return parser
 
 
@@ -196,6 +355,10 @@ def config_from_args(argv: Sequence[str] | None = None) -> Config:
     args = parser.parse_args(argv)
     if not args.upstream and not args.demo:
         parser.error("no upstream: give --upstream URL (repeatable) or --demo")
+    try:
+        make_strategy(args.strategy)
+    except ValueError as exc:
+        parser.error(f"argument --strategy: {exc}")
     if args.upstream_ca is not None:
         try:
             with open(args.upstream_ca, "rb"):
@@ -223,6 +386,28 @@ def config_from_args(argv: Sequence[str] | None = None) -> Config:
             preserve_host=args.preserve_host,
             upstream_ca=args.upstream_ca,
             insecure=args.insecure,
+            ws_max_message_size=args.ws_max_message_size,
+            ws_idle_timeout=args.ws_idle_timeout,
+            strategy=args.strategy,
+            health_check=not args.no_health_check,
+            health_method=args.health_method,
+            health_path=args.health_path,
+            health_interval=args.health_interval,
+            health_timeout=args.health_timeout,
+            health_rise=args.health_rise,
+            health_fall=args.health_fall,
+            eject_after=args.eject_after,
+            eject_for=args.eject_for,
+            breaker_failures=args.breaker_failures,
+            breaker_window=args.breaker_window,
+            breaker_open_for=args.breaker_open_for,
+            breaker_half_open=args.breaker_half_open,
+            breaker_successes=args.breaker_successes,
+            retries=args.retries,
+            retry_budget=args.retry_budget,
+            retry_replay_limit=args.retry_replay_limit,
+            admin_host=args.admin_host,
+            admin_port=args.admin_port,
         )
     except ConfigError as exc:
         parser.error(f"--{exc}")
@@ -231,24 +416,23 @@ def config_from_args(argv: Sequence[str] | None = None) -> Config:
 async def _main(config: Config) -> int:
     from trioproxy.server.listener import ProxyServer, announce
 
-    server = ProxyServer(config)
-    try:
-        await server.bind()
-    except OSError as exc:
-        print(
-            f"trioproxy: cannot listen on {config.host}:{config.port}: {exc.strerror or exc}",
-            file=sys.stderr,
-        )
-        return 1
     async with trio.open_nursery() as nursery:
         if config.demo:
             from trioproxy.demo import run_demo_upstreams
 
             urls = await run_demo_upstreams(nursery)
-            server.engine.balancer.targets = [
-                *config.upstreams,
-                *(UpstreamURL.parse(url) for url in urls),
-            ]
+            demo = tuple(TargetSpec(url=UpstreamURL.parse(url)) for url in urls)
+            config = attrs.evolve(config, upstreams=config.upstreams + demo)
+        server = ProxyServer(config)
+        try:
+            await server.bind()
+        except OSError as exc:
+            print(
+                f"trioproxy: cannot listen on {config.host}:{config.port}: {exc.strerror or exc}",
+                file=sys.stderr,
+            )
+            nursery.cancel_scope.cancel()
+            return 1
         addresses = await nursery.start(server.run)
         announce(addresses)
         await server.wait_stopped()

@@ -10,8 +10,9 @@ from typing import Any
 
 import attrs
 
+from trioproxy.balance.target import TargetSpec
 from trioproxy.http.parsers import resolve
-from trioproxy.upstream.origin import UpstreamURL
+from trioproxy.upstream.origin import BadUpstreamURL, UpstreamURL
 
 
 class ConfigError(ValueError):
@@ -30,7 +31,7 @@ def _non_negative(instance: object, attribute: attrs.Attribute[Any], value: floa
 
 @attrs.frozen(kw_only=True)
 class Config:
-    upstreams: tuple[UpstreamURL, ...] = ()
+    upstreams: tuple[TargetSpec, ...] = ()
     host: str = "127.0.0.1"
     port: int = attrs.field(default=8080)
     log_level: str = "info"
@@ -57,6 +58,37 @@ class Config:
     upstream_ca: str | None = None
     insecure: bool = False
 
+    # WebSocket tunnels: largest message (else close 1009); idle timeout, 0 = none.
+    ws_max_message_size: int = attrs.field(default=16 << 20, validator=_positive)
+    ws_idle_timeout: float = attrs.field(default=0.0, validator=_non_negative)
+
+    # Balancing (strategy name, or package.module:Name for a custom one).
+    strategy: str = "round_robin"
+    # Active health checks.
+    health_check: bool = True
+    health_method: str = "HEAD"
+    health_path: str = "/"
+    health_interval: float = attrs.field(default=5.0, validator=_positive)
+    health_timeout: float = attrs.field(default=2.0, validator=_positive)
+    health_rise: int = attrs.field(default=2, validator=_positive)
+    health_fall: int = attrs.field(default=3, validator=_positive)
+    # Passive health: consecutive failures of live traffic that eject a target.
+    eject_after: int = attrs.field(default=3, validator=_non_negative)
+    eject_for: float = attrs.field(default=10.0, validator=_non_negative)
+    # Circuit breaker per target.
+    breaker_failures: int = attrs.field(default=5, validator=_non_negative)
+    breaker_window: float = attrs.field(default=10.0, validator=_positive)
+    breaker_open_for: float = attrs.field(default=30.0, validator=_positive)
+    breaker_half_open: int = attrs.field(default=3, validator=_positive)
+    breaker_successes: int = attrs.field(default=2, validator=_positive)
+    # Retries.
+    retries: int = attrs.field(default=2, validator=_non_negative)
+    retry_budget: float = attrs.field(default=0.2, validator=_non_negative)
+    retry_replay_limit: int = attrs.field(default=1 << 20, validator=_non_negative)
+    # Admin listener (off unless admin_port is set).
+    admin_host: str = "127.0.0.1"
+    admin_port: int | None = None
+
     @port.validator
     def _check_port(self, attribute: attrs.Attribute[int], value: int) -> None:
         if not 0 <= value <= 65535:
@@ -73,3 +105,36 @@ class Config:
     def _check_body(self, attribute: attrs.Attribute[int | None], value: int | None) -> None:
         if value is not None and value < 0:
             raise ConfigError(f"max-body-size: must be >= 0, got {value!r}")
+
+
+_TARGET_OPTIONS = ("weight", "max_inflight", "health_path")
+
+
+def parse_target(text: str) -> TargetSpec:
+    """``URL[,weight=N][,max_inflight=N][,health_path=/p]`` → TargetSpec.
+
+    Raises:
+        ConfigError: one line naming the value and what is wrong with it.
+    """
+    url_text, *options = text.split(",")
+    try:
+        url = UpstreamURL.parse(url_text)
+    except BadUpstreamURL as exc:
+        raise ConfigError(str(exc)) from None
+    values: dict[str, object] = {}
+    for option in options:
+        key, sep, value = option.partition("=")
+        key = key.strip()
+        if not sep or key not in _TARGET_OPTIONS:
+            raise ConfigError(
+                f"{text!r}: unknown option {option!r} (use {', '.join(_TARGET_OPTIONS)})"
+            )
+        if key == "health_path":
+            if not value.startswith("/"):
+                raise ConfigError(f"{text!r}: health_path must start with '/', got {value!r}")
+            values[key] = value
+        else:
+            if not value.isdigit() or int(value) < 1:
+                raise ConfigError(f"{text!r}: {key} must be a whole number >= 1, got {value!r}")
+            values[key] = int(value)
+    return TargetSpec(url=url, **values)  # type: ignore[arg-type]

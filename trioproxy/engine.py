@@ -24,6 +24,8 @@ client connection, so a truncated body is never taken for a whole one.
 from __future__ import annotations
 
 import logging
+import random
+from collections.abc import Callable
 from http import HTTPStatus
 from typing import Protocol
 
@@ -31,10 +33,16 @@ import attrs
 import trio
 
 from trioproxy.balance.balancer import Balancer
+from trioproxy.balance.retry import RetryBudget, RetryPolicy
+from trioproxy.balance.target import Target
 from trioproxy.errors import (
+    NoHealthyUpstream,
+    PoolTimeout,
     ProxyError,
     UpstreamBrokenMidBody,
     UpstreamClosed,
+    UpstreamConnectError,
+    UpstreamConnectTimeout,
     UpstreamError,
     UpstreamTimeout,
 )
@@ -47,6 +55,7 @@ from trioproxy.http.headers import (
 )
 from trioproxy.http.protocol import Body, EndOfMessage, RequestHead, ResponseHead
 from trioproxy.upstream.connection import UpstreamConnection
+from trioproxy.upstream.origin import Origin
 from trioproxy.upstream.pool import UpstreamPool
 
 log = logging.getLogger("trioproxy.engine")
@@ -97,6 +106,7 @@ class ExchangeLog:
     upstream: str = "-"
     status: int = 0
     bytes_out: int = 0
+    head_at: float = 0.0  # trio time the response head arrived
 
 
 @attrs.define
@@ -104,7 +114,87 @@ class _RequestSide:
     client_error: ProxyError | None = None
     sent: bool = False
     upstream_write_failed: bool = False
-    body_started: bool = False
+
+
+class _ReplayableBody:
+    """The request body source, recorded so that a retry can send it again.
+
+    Chunks are kept while the body stays within ``limit`` bytes (0 for a
+    request that may not be retried); past that the recording is dropped and
+    the body is no longer replayable. Memory stays bounded by ``limit``.
+    """
+
+    __slots__ = (
+        "_chunks",
+        "_done",
+        "_downstream",
+        "_limit",
+        "_overflow",
+        "_replay",
+        "_size",
+        "started",
+    )
+
+    def __init__(self, downstream: Downstream, limit: int) -> None:
+        self._downstream = downstream
+        self._limit = limit
+        self._chunks: list[bytes] = []
+        self._size = 0
+        self._done = False
+        self._overflow = False
+        self._replay: int | None = None
+        self.started = False
+
+    @property
+    def replayable(self) -> bool:
+        """Nothing was read yet, or all of it was read and recorded."""
+        return not self.started or (self._done and not self._overflow)
+
+    def rewind(self) -> None:
+        if self.started:
+            assert self.replayable
+            self._replay = 0
+
+    async def receive(self) -> bytes:
+        if self._replay is not None:
+            if self._replay < len(self._chunks):
+                self._replay += 1
+                return self._chunks[self._replay - 1]
+            return b""
+        data = await self._downstream.receive_body()
+        self.started = True
+        if not data:
+            self._done = True
+        elif not self._overflow:
+            self._size += len(data)
+            if self._size > self._limit:
+                self._overflow = True
+                self._chunks.clear()
+            else:
+                self._chunks.append(data)
+        return data
+
+
+class _Unsent(Exception):
+    """An attempt failed before the upstream saw the request (may go elsewhere)."""
+
+    def __init__(self, error: ProxyError) -> None:
+        self.error = error
+
+
+class _Failed(Exception):
+    """An attempt failed after sending, before any response byte reached the client."""
+
+    def __init__(self, error: ProxyError) -> None:
+        self.error = error
+
+
+class _DiscardedResponse(UpstreamError):
+    """A retryable 5xx head, read and not relayed, so that the request may go elsewhere."""
+
+    def __init__(self, status: int) -> None:
+        super().__init__(f"upstream answered {status}")
+        self.status = status
 
 
 @attrs.define
@@ -113,64 +203,179 @@ class Engine:
     pool: UpstreamPool
     read_timeout: float = 300.0
     preserve_host: bool = False
+    retry: RetryPolicy = attrs.Factory(RetryPolicy)
+    budget: RetryBudget = attrs.Factory(RetryBudget)
+    rng: random.Random = attrs.Factory(random.Random)
 
     async def handle(
         self, request: RequestHead, downstream: Downstream, record: ExchangeLog
     ) -> None:
-        """Relay one exchange; see the module docstring for what it raises."""
-        record.request_id = request_id_from(request.headers) or new_request_id()
+        """Relay one exchange, retrying on other targets where that is safe.
 
-        target = self.balancer.pick()
-        record.upstream = target.text
+        A request goes to another target when the upstream never saw it
+        (connect error, pool timeout) or, for an idempotent method whose body
+        was replayable, when the upstream answered 502/503/504, timed out or
+        closed before a response head. Never after any response byte went to
+        the client. Retries are spaced by jittered backoff and capped by the
+        retry budget. See the module docstring for what it raises.
+        """
+        record.request_id = request_id_from(request.headers) or new_request_id()
+        idempotent = request.method in IDEMPOTENT
+        body = _ReplayableBody(downstream, self.retry.replay_limit if idempotent else 0)
+        chunked = (
+            downstream.request_has_body() and get_first(request.headers, b"content-length") is None
+        )
+        policy = self.retry
+        tried: list[Target] = []
+        self.budget.record_request(trio.current_time())
+        last_error: ProxyError | None = None
+        for attempt in range(policy.max_attempts):
+            now = trio.current_time()
+            if attempt:
+                if not self.budget.can_retry(now):
+                    break
+                try:
+                    target = self.balancer.pick(request, now=now, exclude=tried)
+                except NoHealthyUpstream:
+                    break
+                self.budget.record_retry(now)
+                log.info(
+                    "retrying %s on %s: %s", record.request_id.decode(), target.name, last_error
+                )
+                await trio.sleep(policy.backoff(attempt - 1, self.rng))
+                body.rewind()
+            else:
+                target = self.balancer.pick(request, now=now)
+            tried.append(target)
+            record.upstream = target.name
+            last = attempt + 1 >= policy.max_attempts
+
+            def retry_status(status: int, last: bool = last) -> bool:
+                return (
+                    not last
+                    and idempotent
+                    and status in policy.retry_on_status
+                    and body.replayable
+                    and self.budget.can_retry(trio.current_time())
+                    and self.balancer.has_candidate(trio.current_time(), exclude=tried)
+                )
+
+            try:
+                await self._attempt(
+                    target, request, chunked, body, downstream, record, retry_status
+                )
+                return
+            except _Unsent as exc:
+                last_error = exc.error
+            except _Failed as exc:
+                last_error = exc.error
+                if not (idempotent and body.replayable):
+                    raise exc.error from None
+        assert last_error is not None
+        raise last_error
+
+    async def _attempt(
+        self,
+        target: Target,
+        request: RequestHead,
+        chunked: bool,
+        body: _ReplayableBody,
+        downstream: Downstream,
+        record: ExchangeLog,
+        retry_status: Callable[[int], bool],
+    ) -> None:
+        """One try on one target, with the outcome reported to the balancer."""
+        origin = target.url.origin
+        headers = upstream_request_headers(
+            request.headers,
+            client_addr=downstream.client_addr,
+            scheme=downstream.scheme,
+            upstream_host=origin.host_header,
+            preserve_host=self.preserve_host,
+            request_id=record.request_id,
+            via=_via(request.http_version),
+        )
+        if chunked:
+            headers.append((b"transfer-encoding", b"chunked"))
         upstream_request = RequestHead(
             method=request.method,
-            target=target.upstream_target(request.target),
-            headers=upstream_request_headers(
-                request.headers,
-                client_addr=downstream.client_addr,
-                scheme=downstream.scheme,
-                upstream_host=target.origin.host_header,
-                preserve_host=self.preserve_host,
-                request_id=record.request_id,
-                via=_via(request.http_version),
-            ),
-            http_version=b"1.1",
+            target=target.url.upstream_target(request.target),
+            headers=headers,
         )
-        has_body = downstream.request_has_body()
-        if has_body and get_first(upstream_request.headers, b"content-length") is None:
-            upstream_request.headers.append((b"transfer-encoding", b"chunked"))
+        balancer = self.balancer
+        started = trio.current_time()
+        with balancer.track(target):
+            try:
+                await self._on_pooled_connection(
+                    origin, upstream_request, body, downstream, record, retry_status
+                )
+            except (UpstreamConnectError, UpstreamConnectTimeout) as exc:
+                balancer.on_failure(target, trio.current_time())
+                raise _Unsent(exc) from None
+            except PoolTimeout as exc:
+                balancer.on_cancelled(target, trio.current_time())
+                raise _Unsent(exc) from None
+            except UpstreamBrokenMidBody:
+                balancer.on_failure(target, trio.current_time())
+                raise
+            except (UpstreamError, UpstreamTimeout) as exc:
+                # Before any response byte reached the client.
+                balancer.on_failure(target, trio.current_time())
+                if isinstance(exc, _DiscardedResponse):
+                    exc = UpstreamError(exc.detail)
+                raise _Failed(exc) from None
+            except BaseException:
+                balancer.on_cancelled(target, trio.current_time())
+                raise
+        now = trio.current_time()
+        if record.status >= 500:
+            balancer.on_failure(target, now)
+        else:
+            balancer.on_success(target, now, latency=record.head_at - started)
 
+    async def _on_pooled_connection(
+        self,
+        origin: Origin,
+        request: RequestHead,
+        body: _ReplayableBody,
+        downstream: Downstream,
+        record: ExchangeLog,
+        retry_status: Callable[[int], bool],
+    ) -> None:
         fresh = False
         while True:
-            async with self.pool.connection(target.origin, fresh=fresh) as conn:
+            async with self.pool.connection(origin, fresh=fresh) as conn:
                 try:
-                    await self._exchange(conn, upstream_request, downstream, record)
+                    await self._exchange(conn, request, body, downstream, record, retry_status)
                     return
                 except UpstreamClosed:
                     # A keep-alive connection the server closed just as we picked
                     # it: the request was never processed. Try once more on a new
                     # connection, where that is safe (RFC 9112 §9.3.1).
-                    if not (conn.reused and not fresh and not has_body):
+                    if fresh or not conn.reused or request.method not in IDEMPOTENT:
                         raise
-                    if request.method not in IDEMPOTENT:
+                    if not body.replayable:
                         raise
+            body.rewind()
             fresh = True
 
     async def _exchange(
         self,
         conn: UpstreamConnection,
         request: RequestHead,
+        body: _ReplayableBody,
         downstream: Downstream,
         record: ExchangeLog,
+        retry_status: Callable[[int], bool],
     ) -> None:
         side = _RequestSide()
         error: ProxyError | None = None
         async with trio.open_nursery() as nursery:
             nursery.start_soon(
-                self._send_request, conn, request, downstream, side, nursery.cancel_scope
+                self._send_request, conn, request, body, downstream, side, nursery.cancel_scope
             )
             try:
-                await self._relay_response(conn, downstream, record)
+                await self._relay_response(conn, downstream, record, retry_status)
             except ProxyError as exc:
                 error = exc
             nursery.cancel_scope.cancel()
@@ -184,6 +389,7 @@ class Engine:
         self,
         conn: UpstreamConnection,
         request: RequestHead,
+        body: _ReplayableBody,
         downstream: Downstream,
         side: _RequestSide,
         cancel_scope: trio.CancelScope,
@@ -199,8 +405,7 @@ class Engine:
             await conn.send_mapped(protocol.send_head(request))
             # Read the body source to its end even when the request has no
             # body: that is how the front end learns the request is complete.
-            while data := await downstream.receive_body():
-                side.body_started = True
+            while data := await body.receive():
                 await conn.send_mapped(protocol.send_body(data))
             await conn.send_mapped(protocol.send_end())
             side.sent = True
@@ -212,11 +417,18 @@ class Engine:
             cancel_scope.cancel()
 
     async def _relay_response(
-        self, conn: UpstreamConnection, downstream: Downstream, record: ExchangeLog
+        self,
+        conn: UpstreamConnection,
+        downstream: Downstream,
+        record: ExchangeLog,
+        retry_status: Callable[[int], bool],
     ) -> None:
         event = await conn.next_event(self.read_timeout)
         if not isinstance(event, ResponseHead):
             raise UpstreamClosed(f"{conn.origin}: expected a response head, got {event!r}")
+        record.head_at = trio.current_time()
+        if event.status_code >= 500 and retry_status(event.status_code):
+            raise _DiscardedResponse(event.status_code)
         record.status = event.status_code
         headers = event.headers
         if get_first(headers, b"transfer-encoding") is not None:

@@ -26,12 +26,17 @@ from collections.abc import Sequence
 
 import trio
 
-from trioproxy.balance.balancer import Balancer
+from trioproxy.admin import AdminApp, serve_admin
+from trioproxy.balance.balancer import Balancer, BreakerSettings
+from trioproxy.balance.health import HealthService, HealthSettings
+from trioproxy.balance.retry import RetryBudget, RetryPolicy
+from trioproxy.balance.strategies import make_strategy
+from trioproxy.balance.target import Target
 from trioproxy.config import Config
 from trioproxy.engine import Engine
 from trioproxy.http.parsers import client_factory, server_factory
 from trioproxy.server.connection import ClientConnection, ServerState
-from trioproxy.upstream.origin import UpstreamURL
+from trioproxy.server.websocket import WebSocketSettings
 from trioproxy.upstream.pool import UpstreamPool
 
 log = logging.getLogger("trioproxy.server")
@@ -50,8 +55,24 @@ def make_ssl_context(config: Config) -> ssl.SSLContext:
     return context
 
 
-def build_engine(config: Config, upstreams: Sequence[UpstreamURL]) -> Engine:
-    needs_tls = any(u.origin.tls for u in upstreams)
+def build_balancer(config: Config) -> Balancer:
+    return Balancer(
+        [Target(spec) for spec in config.upstreams],
+        strategy=make_strategy(config.strategy),
+        eject_after=config.eject_after,
+        eject_for=config.eject_for,
+        breaker_settings=BreakerSettings(
+            failure_threshold=config.breaker_failures,
+            window=config.breaker_window,
+            open_for=config.breaker_open_for,
+            half_open_max=config.breaker_half_open,
+            success_threshold=config.breaker_successes,
+        ),
+    )
+
+
+def build_engine(config: Config) -> Engine:
+    needs_tls = any(spec.url.origin.tls for spec in config.upstreams)
     pool = UpstreamPool(
         connect_timeout=config.connect_timeout,
         pool_timeout=config.pool_timeout,
@@ -62,19 +83,39 @@ def build_engine(config: Config, upstreams: Sequence[UpstreamURL]) -> Engine:
         protocol_factory=client_factory(config.http),
     )
     return Engine(
-        balancer=Balancer(list(upstreams)),
+        balancer=build_balancer(config),
         pool=pool,
         read_timeout=config.read_timeout,
         preserve_host=config.preserve_host,
+        retry=RetryPolicy(max_attempts=config.retries + 1, replay_limit=config.retry_replay_limit),
+        budget=RetryBudget(ratio=config.retry_budget),
+    )
+
+
+def build_health(config: Config, engine: Engine) -> HealthService:
+    return HealthService(
+        engine.balancer.targets,
+        HealthSettings(
+            enabled=config.health_check,
+            method=config.health_method.encode("ascii"),
+            path=config.health_path,
+            interval=config.health_interval,
+            timeout=config.health_timeout,
+            rise=config.health_rise,
+            fall=config.health_fall,
+        ),
+        ssl_context=engine.pool.ssl_context,
+        protocol_factory=engine.pool.protocol_factory,
     )
 
 
 class ProxyServer:
     """A listening proxy: ``await run(task_status=...)`` serves until drained."""
 
-    def __init__(self, config: Config, upstreams: Sequence[UpstreamURL] | None = None) -> None:
+    def __init__(self, config: Config) -> None:
         self.config = config
-        self.engine = build_engine(config, config.upstreams if upstreams is None else upstreams)
+        self.engine = build_engine(config)
+        self.health = build_health(config, self.engine)
         self.state = ServerState(
             self.engine,
             header_timeout=config.header_timeout,
@@ -83,6 +124,10 @@ class ProxyServer:
             max_header_size=config.max_header_size,
             max_body_size=config.max_body_size,
             protocol_factory=server_factory(config.http),
+            websocket=WebSocketSettings(
+                max_message_size=config.ws_max_message_size,
+                idle_timeout=config.ws_idle_timeout or None,
+            ),
         )
         self._accepting = trio.CancelScope()
         self._stopped = trio.Event()
@@ -121,6 +166,17 @@ class ProxyServer:
                     # Installed before we report ready: a signal sent as soon as
                     # "listening on" is read must drain, not kill.
                     await root.start(self._watch_signals, root.cancel_scope)
+                if config.health_check and self.engine.balancer.targets:
+                    # The first round of probes ends before the first accept.
+                    await root.start(self.health.run)
+                if config.admin_port is not None:
+                    admin = await root.start(
+                        serve_admin,
+                        AdminApp(self.engine.balancer),
+                        config.admin_host,
+                        config.admin_port,
+                    )
+                    log.info("admin listening on %s", format_url(admin[0]))
                 async with trio.open_nursery() as handlers:
                     with self._accepting:
                         async with trio.open_nursery() as accepting:
