@@ -11,6 +11,8 @@ def test_public_names_are_pinned() -> None:
         "Config",
         "ConfigError",
         "Engine",
+        "HealthChecker",
+        "LoadBalancer",
         "ProxyError",
         "ProxyServer",
         "UpstreamURL",
