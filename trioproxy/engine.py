@@ -53,7 +53,7 @@ from trioproxy.http.headers import (
     request_id_from,
     upstream_request_headers,
 )
-from trioproxy.http.protocol import Body, EndOfMessage, RequestHead, ResponseHead
+from trioproxy.http.protocol import NEED_DATA, Body, EndOfMessage, RequestHead, ResponseHead
 from trioproxy.upstream.connection import UpstreamConnection
 from trioproxy.upstream.origin import Origin
 from trioproxy.upstream.pool import UpstreamPool
@@ -96,6 +96,10 @@ class Downstream(Protocol):
     async def send_body(self, data: bytes) -> None: ...
 
     async def send_end(self) -> None: ...
+
+    async def send_parts(self, head: ResponseHead | None, chunks: list[bytes], end: bool) -> None:
+        """``send_head`` (if a head), ``send_body`` for each chunk, ``send_end`` (if
+        ``end``), written together."""
 
 
 @attrs.define
@@ -435,25 +439,45 @@ class Engine:
             # RFC 9112 §6.3 item 3: Transfer-Encoding overrides Content-Length,
             # and a proxy must remove the latter before forwarding.
             headers = [(n, v) for n, v in headers if n != b"content-length"]
-        await downstream.send_head(
-            ResponseHead(
-                status_code=event.status_code,
-                headers=client_response_headers(
-                    headers, request_id=record.request_id, via=_via(event.http_version)
-                ),
-                reason=event.reason or _PHRASES.get(event.status_code, b""),
-            )
+        head = ResponseHead(
+            status_code=event.status_code,
+            headers=client_response_headers(
+                headers, request_id=record.request_id, via=_via(event.http_version)
+            ),
+            reason=event.reason or _PHRASES.get(event.status_code, b""),
         )
+        # Whatever of the body came with the head goes out with it, in one write;
+        # after that, one write per read: nothing waits for more data to be sent.
+        chunks, end = _parsed_body(conn, record)
+        await downstream.send_parts(head, chunks, end)
         try:
-            while True:
+            while not end:
                 event = await conn.next_event(self.read_timeout)
                 if type(event) is Body:
                     record.bytes_out += len(event.data)
-                    await downstream.send_body(event.data)
+                    chunks, end = _parsed_body(conn, record)
+                    chunks.insert(0, event.data)
                 elif type(event) is EndOfMessage:
-                    break
+                    chunks, end = [], True
                 else:
                     raise UpstreamClosed(f"{conn.origin}: unexpected {event!r} in body")
+                await downstream.send_parts(None, chunks, end)
         except (UpstreamError, UpstreamTimeout) as exc:
             raise UpstreamBrokenMidBody(f"{conn.origin}: {exc.detail}") from None
-        await downstream.send_end()
+
+
+def _parsed_body(conn: UpstreamConnection, record: ExchangeLog) -> tuple[list[bytes], bool]:
+    """The body events already parsed (no I/O): (chunks, whether the message ended)."""
+    chunks: list[bytes] = []
+    protocol = conn.protocol
+    while True:
+        event = protocol.next_event()
+        if type(event) is Body:
+            record.bytes_out += len(event.data)
+            chunks.append(event.data)
+        elif type(event) is EndOfMessage:
+            return chunks, True
+        elif event is NEED_DATA:
+            return chunks, False
+        else:
+            raise UpstreamClosed(f"{conn.origin}: unexpected {event!r} in body")

@@ -284,6 +284,24 @@ class ClientConnection:
     async def send_body(self, data: bytes) -> None:
         await self._send(self.protocol.send_body(data))
 
+    async def send_parts(self, head: ResponseHead | None, chunks: list[bytes], end: bool) -> None:
+        """Head (if any), body chunks and end (if ``end``) in one write: one syscall and
+        one trio checkpoint for a small response instead of three."""
+        protocol = self.protocol
+        parts = []
+        if head is not None:
+            if self.state.draining:
+                head = ResponseHead(
+                    head.status_code, [*head.headers, (b"connection", b"close")], head.reason
+                )
+            parts.append(protocol.send_head(head))
+            self._response_started = True
+        for chunk in chunks:
+            parts.append(protocol.send_body(chunk))
+        if end:
+            parts.append(protocol.send_end())
+        await self._send(parts[0] if len(parts) == 1 else b"".join(parts))
+
     async def send_end(self) -> None:
         await self._send(self.protocol.send_end())
 

@@ -28,6 +28,8 @@ from trioproxy.http.protocol import ClientProtocol
 from trioproxy.upstream.connection import Connector, UpstreamConnection, open_connection
 from trioproxy.upstream.origin import Origin
 
+_CHECK_IDLE_AFTER = 1.0
+
 
 @attrs.define
 class _OriginPool:
@@ -80,10 +82,13 @@ class UpstreamPool:
             UpstreamConnectError, UpstreamConnectTimeout: from connecting.
         """
         pool = self._pool_for(origin)
-        with trio.move_on_after(self.pool_timeout) as waited:
-            await pool.limiter.acquire()
-        if waited.cancelled_caught:
-            raise PoolTimeout(f"{origin}: {self.max_per_origin} connections busy")
+        try:
+            pool.limiter.acquire_nowait()  # the common case needs no timeout scope
+        except trio.WouldBlock:
+            with trio.move_on_after(self.pool_timeout) as waited:
+                await pool.limiter.acquire()
+            if waited.cancelled_caught:
+                raise PoolTimeout(f"{origin}: {self.max_per_origin} connections busy") from None
         conn: UpstreamConnection | None = None
         try:
             conn = await self._take_idle(pool) if not fresh else None
@@ -113,11 +118,19 @@ class UpstreamPool:
             pool.limiter.release()
 
     async def _take_idle(self, pool: _OriginPool) -> UpstreamConnection | None:
-        """The most recently used live idle connection; stale ones are closed."""
-        deadline = trio.current_time() - self.idle_timeout
+        """The most recently used live idle connection; stale ones are closed.
+
+        The liveness check (a poll syscall) is skipped for a connection idle
+        less than a second: a server closing a connection that soon after a
+        complete response says ``Connection: close`` in it, which we honour.
+        """
+        now = trio.current_time()
+        deadline = now - self.idle_timeout
         while pool.idle:
             conn = pool.idle.pop()
-            if conn.idle_since >= deadline and conn.looks_alive():
+            if conn.idle_since >= deadline and (
+                now - conn.idle_since < _CHECK_IDLE_AFTER or conn.looks_alive()
+            ):
                 return conn
             with trio.CancelScope(shield=True):
                 await conn.aclose()
