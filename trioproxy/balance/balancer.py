@@ -168,7 +168,7 @@ class Balancer:
         if (
             self.eject_after
             and target.consecutive_failures >= self.eject_after
-            and any(self.available(t, now) for t in self.targets if t is not target)
+            and self.has_candidate(now, exclude=(target,))
         ):
             if now >= target.ejected_until:
                 log.warning(
@@ -185,10 +185,9 @@ class Balancer:
         self._breakers[id(target)].on_release(now)
 
     def any_healthy(self, now: float) -> bool:
-        return any(
-            self.available(t, now) and self._breakers[id(t)].state is not BreakerState.OPEN
-            for t in self.targets
-        )
+        """Whether some target could take a request now (a breaker past its open
+        time counts: it would admit a trial)."""
+        return self.has_candidate(now)
 
     def snapshot(self, now: float) -> list[dict[str, object]]:
         """Per-target state for the admin /status endpoint."""
