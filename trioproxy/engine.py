@@ -236,17 +236,21 @@ class Engine:
         for attempt in range(policy.max_attempts):
             now = trio.current_time()
             if attempt:
-                if not self.budget.can_retry(now):
-                    break
-                try:
-                    target = self.balancer.pick(request, now=now, exclude=tried)
-                except NoHealthyUpstream:
+                if not self.budget.can_retry(now) or not self.balancer.has_candidate(
+                    now, exclude=tried
+                ):
                     break
                 self.budget.record_retry(now)
+                # Back off first, then pick: the choice (and a breaker's trial
+                # slot) is made when the request really goes out.
+                await trio.sleep(policy.backoff(attempt - 1, self.rng))
+                try:
+                    target = self.balancer.pick(request, now=trio.current_time(), exclude=tried)
+                except NoHealthyUpstream:
+                    break
                 log.info(
                     "retrying %s on %s: %s", record.request_id.decode(), target.name, last_error
                 )
-                await trio.sleep(policy.backoff(attempt - 1, self.rng))
                 body.rewind()
             else:
                 target = self.balancer.pick(request, now=now)

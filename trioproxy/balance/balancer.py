@@ -180,6 +180,13 @@ class Balancer:
             target.ejected_until = now + self.eject_for
             target.consecutive_failures = 0
 
+    def reinstate(self, target: Target, now: float) -> None:
+        """The probers found ``target`` healthy again: lift a passive ejection and let
+        its breaker try it now (as Envoy's successful_active_health_check_uneject_host)."""
+        target.ejected_until = 0.0
+        target.consecutive_failures = 0
+        self._breakers[id(target)].probe_succeeded(now)
+
     def on_cancelled(self, target: Target, now: float) -> None:
         """The exchange ended for reasons of the client's: no verdict on the target."""
         self._breakers[id(target)].on_release(now)
@@ -229,6 +236,9 @@ class _NoBreaker:
         pass
 
     def on_release(self, now: float) -> None:
+        pass
+
+    def probe_succeeded(self, now: float) -> None:
         pass
 
     def snapshot(self, now: float | None = None) -> dict[str, object]:

@@ -191,6 +191,12 @@ class CircuitBreaker:
         if self._state is _HALF_OPEN:
             self._end_trial(now)
 
+    def probe_succeeded(self, now: float) -> None:
+        """An active health check says the target is back: an open circuit moves to
+        half-open at once, so trial requests confirm it without waiting ``open_for``."""
+        if self._state is _OPEN:
+            self._move(_HALF_OPEN, now)
+
     def failures_in_window(self, now: float) -> int:
         """Failures that still count towards opening (0 unless closed)."""
         if self._state is not _CLOSED:

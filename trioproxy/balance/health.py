@@ -61,6 +61,9 @@ class HealthService:
     ssl_context: ssl.SSLContext | None = None
     connector: Connector | None = None
     protocol_factory: Callable[[int], ClientProtocol] | None = None
+    #: Called when probes bring a target back (the balancer lifts what live
+    #: traffic held against it, so it returns within rise x interval).
+    on_recovered: Callable[[Target], None] | None = None
     _states: dict[int, _ProbeState] = attrs.field(factory=dict, init=False)
 
     def state(self, target: Target) -> _ProbeState:
@@ -110,6 +113,8 @@ class HealthService:
         elif not target.healthy and state.successes >= settings.rise:
             target.healthy = True
             log.warning("%s is healthy again after %d good probes", target.name, state.successes)
+            if self.on_recovered is not None:
+                self.on_recovered(target)
 
     async def probe(self, target: Target) -> tuple[bool, float | None, str]:
         """One probe: (status expected, latency in seconds or None, what went wrong)."""

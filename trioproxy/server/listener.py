@@ -92,6 +92,7 @@ def build_engine(config: Config) -> Engine:
 
 
 def build_health(config: Config, engine: Engine) -> HealthService:
+    balancer = engine.balancer
     return HealthService(
         engine.balancer.targets,
         HealthSettings(
@@ -105,6 +106,7 @@ def build_health(config: Config, engine: Engine) -> HealthService:
         ),
         ssl_context=engine.pool.ssl_context,
         protocol_factory=engine.pool.protocol_factory,
+        on_recovered=lambda target: balancer.reinstate(target, trio.current_time()),
     )
 
 
