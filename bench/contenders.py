@@ -1,0 +1,196 @@
+"""The contenders: what each one is, what it needs, and the command that starts it.
+
+Every contender is one process tree started on the proxy core (``taskset -c 1``) in front
+of a back end that runs on the load core:
+
+``direct``
+    no proxy: a fresh instance of the scenario's back end itself, on the proxy core.
+    It is the floor every proxy is compared with.
+``nginx``
+    nginx as a reverse proxy, one worker, upstream keep-alive on.
+``fastapi-reverse-proxy``
+    its README's app (one shared httpx client) under uvicorn, one process.
+``velithon``
+    its gateway's ``forward_to`` endpoint under ``velithon run --workers 1`` (granian:
+    a supervisor and one worker process; both are counted), with ``--backpressure
+    16384`` (granian's default lets 1024 connections in at once).
+``trioproxy``, ``trioproxy-h11``
+    ``python -m trioproxy --http auto`` (httptools when installed) and ``--http h11``,
+    with ``--max-connections-per-upstream 4096`` so that 1000 event streams can each
+    hold an upstream connection (the default cap is 256).
+
+Access logs are off everywhere (trioproxy runs at ``--log-level warning``), so that no
+contender pays for writing a line per request.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import attrs
+
+from bench import nginx
+from bench.env import BENCH_DIR, PEERS_DIR, Tools
+
+REPO_DIR = BENCH_DIR.parent
+
+
+@attrs.frozen
+class Launch:
+    argv: list[str]
+    env: dict[str, str] = attrs.field(factory=dict)
+    cwd: Path | None = None
+
+
+@attrs.frozen
+class Site:
+    """Where a contender runs and what it sits in front of."""
+
+    tools: Tools
+    #: The back end kind: ``http`` (nginx), ``pyhttp`` (bench.servers http), ``sse``, ``ws``.
+    backend: str
+    #: ``HOST:PORT`` of the running back end.
+    upstream: str
+    port: int
+    prefix: Path
+    nofile: int
+    #: The source tree trioproxy runs from (its root, holding ``trioproxy/``).
+    trioproxy_src: Path = REPO_DIR
+
+
+@attrs.frozen
+class Contender:
+    name: str
+    needs: frozenset[str]
+    launch: Callable[[Site], Launch]
+    #: What to say when it refuses a WebSocket upgrade.
+    no_websocket: str = "upgrade refused"
+
+
+def _direct(site: Site) -> Launch:
+    if site.backend == "http":
+        assert site.tools.nginx is not None
+        conf = nginx.write_backend(site.prefix, site.port, site.nofile)
+        return Launch(nginx.command(site.tools.nginx, conf))
+    kind = "http" if site.backend == "pyhttp" else site.backend
+    return Launch(
+        [sys.executable, "-m", "bench.servers", kind, "--port", str(site.port)], cwd=REPO_DIR
+    )
+
+
+def _nginx(site: Site) -> Launch:
+    assert site.tools.nginx is not None
+    conf = nginx.write_proxy(
+        site.prefix, site.port, site.upstream, site.nofile, stream=site.backend == "sse"
+    )
+    return Launch(nginx.command(site.tools.nginx, conf))
+
+
+def _fastapi(site: Site) -> Launch:
+    assert site.tools.peers_python is not None
+    return Launch(
+        [
+            site.tools.peers_python,
+            "-m",
+            "uvicorn",
+            "fastapi_app:app",
+            "--app-dir",
+            str(PEERS_DIR),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(site.port),
+            "--no-access-log",
+            "--log-level",
+            "warning",
+            # uvicorn closes idle keep-alive connections after 5 s by default; the idle
+            # scenario holds them longer, as every other contender does by default.
+            "--timeout-keep-alive",
+            "300",
+            "--backlog",
+            "4096",
+        ],
+        env={"BENCH_UPSTREAM": f"http://{site.upstream}"},
+    )
+
+
+def _velithon(site: Site) -> Launch:
+    assert site.tools.peers_python is not None
+    velithon = str(Path(site.tools.peers_python).parent / "velithon")
+    return Launch(
+        [
+            velithon,
+            "run",
+            "--app",
+            "velithon_app:app",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(site.port),
+            "--workers",
+            "1",
+            "--log-level",
+            "WARNING",
+            # granian serves at most backlog/workers = 1024 connections at once by
+            # default; raised like trioproxy's upstream cap, for the 10k idle scenario.
+            "--backpressure",
+            "16384",
+        ],
+        env={"BENCH_UPSTREAM": f"http://{site.upstream}"},
+        cwd=PEERS_DIR,
+    )
+
+
+def _trioproxy(http: str) -> Callable[[Site], Launch]:
+    def launch(site: Site) -> Launch:
+        return Launch(
+            [
+                sys.executable,
+                "-m",
+                "trioproxy",
+                "--upstream",
+                f"http://{site.upstream}",
+                "--port",
+                str(site.port),
+                "--http",
+                http,
+                "--log-level",
+                "warning",
+                # Its default cap (256 upstream connections) would queue SSE streams
+                # 257 and up; nginx has no cap, and the peers' caps are their defaults.
+                "--max-connections-per-upstream",
+                "4096",
+            ],
+            # ``python -m`` puts the working directory first on sys.path.
+            cwd=site.trioproxy_src,
+        )
+
+    return launch
+
+
+CONTENDERS: dict[str, Contender] = {
+    c.name: c
+    for c in (
+        Contender("direct", frozenset(), _direct),
+        Contender("nginx", frozenset({"nginx"}), _nginx),
+        Contender(
+            "fastapi-reverse-proxy",
+            frozenset({"peers"}),
+            _fastapi,
+        ),
+        Contender(
+            "velithon",
+            frozenset({"peers"}),
+            _velithon,
+            no_websocket="its gateway forwards plain HTTP only",
+        ),
+        Contender("trioproxy", frozenset(), _trioproxy("auto"), no_websocket="not implemented"),
+        Contender("trioproxy-h11", frozenset(), _trioproxy("h11"), no_websocket="not implemented"),
+    )
+}
+
+#: The contenders every ratio is taken for, and the ones they are taken against.
+OURS = ("trioproxy", "trioproxy-h11")
+PEERS = ("nginx", "fastapi-reverse-proxy", "velithon", "direct")
