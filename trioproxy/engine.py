@@ -70,6 +70,10 @@ def _via(http_version: bytes) -> bytes:
     return _VIA.get(http_version) or b"%b trioproxy" % http_version
 
 
+#: How long the fast path waits for a whole response before it also watches the
+#: client (the longest a client that left goes unnoticed).
+_FAST_WINDOW = 0.1
+
 IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE", b"TRACE"})
 
 
@@ -376,14 +380,46 @@ class Engine:
         record: ExchangeLog,
         retry_status: Callable[[int], bool],
     ) -> None:
-        side = _RequestSide()
+        """One request/response on ``conn``.
+
+        Fast path, for a request without a body: send it in one write and wait
+        a little (``_FAST_WINDOW``) for the response; if it arrives whole, answer
+        in one write. Most API answers take this path, which needs no second
+        task and no watch on the client socket. Anything else (a body to pump,
+        a slow upstream, a streamed response) continues on the general path,
+        where the request side and the response side run in one nursery.
+        """
+        head: ResponseHead | None = None
+        chunks: list[bytes] = []
+        end = False
+        sent = False
+        if not downstream.request_has_body():
+            await body.receive()  # b"": the request is complete
+            protocol = conn.protocol
+            await conn.send_mapped(protocol.send_head(request) + protocol.send_end())
+            sent = True
+            with trio.move_on_after(_FAST_WINDOW):
+                head = await self._read_head(conn, record, retry_status, self.read_timeout)
+                chunks, end = _parsed_body(conn, record)
+            if end:
+                assert head is not None
+                await downstream.send_parts(head, chunks, True)
+                conn.clean = True
+                return
+
+        side = _RequestSide(sent=sent)
         error: ProxyError | None = None
         async with trio.open_nursery() as nursery:
             nursery.start_soon(
                 self._send_request, conn, request, body, downstream, side, nursery.cancel_scope
             )
             try:
-                await self._relay_response(conn, downstream, record, retry_status)
+                if head is None:
+                    # The fast window counted against the upstream's idle time.
+                    wait = self.read_timeout - _FAST_WINDOW if sent else self.read_timeout
+                    head = await self._read_head(conn, record, retry_status, wait)
+                    chunks, end = _parsed_body(conn, record)
+                await self._relay_rest(conn, downstream, record, head, chunks, end)
             except ProxyError as exc:
                 error = exc
             nursery.cancel_scope.cancel()
@@ -402,21 +438,23 @@ class Engine:
         side: _RequestSide,
         cancel_scope: trio.CancelScope,
     ) -> None:
-        """Send the request, then watch for the client leaving. Never raises.
+        """Send the request (unless sent already), then watch for the client leaving.
 
-        A client-side failure is recorded and cancels the exchange; an upstream
-        write failure only stops the sending: the response side then learns what
-        the upstream did (it may well have answered, e.g. 413, before closing).
+        Never raises. A client-side failure is recorded and cancels the
+        exchange; an upstream write failure only stops the sending: the
+        response side then learns what the upstream did (it may well have
+        answered, e.g. 413, before closing).
         """
         protocol = conn.protocol
         try:
-            await conn.send_mapped(protocol.send_head(request))
-            # Read the body source to its end even when the request has no
-            # body: that is how the front end learns the request is complete.
-            while data := await body.receive():
-                await conn.send_mapped(protocol.send_body(data))
-            await conn.send_mapped(protocol.send_end())
-            side.sent = True
+            if not side.sent:
+                await conn.send_mapped(protocol.send_head(request))
+                # Read the body source to its end even when the request has no
+                # body: that is how the front end learns the request is complete.
+                while data := await body.receive():
+                    await conn.send_mapped(protocol.send_body(data))
+                await conn.send_mapped(protocol.send_end())
+                side.sent = True
             await downstream.wait_disconnect()
         except UpstreamError:
             side.upstream_write_failed = True
@@ -424,14 +462,20 @@ class Engine:
             side.client_error = exc
             cancel_scope.cancel()
 
-    async def _relay_response(
+    async def _read_head(
         self,
         conn: UpstreamConnection,
-        downstream: Downstream,
         record: ExchangeLog,
         retry_status: Callable[[int], bool],
-    ) -> None:
-        event = await conn.next_event(self.read_timeout)
+        read_timeout: float,
+    ) -> ResponseHead:
+        """The upstream's response head, made into the client's.
+
+        Raises:
+            _DiscardedResponse: a 5xx that will be retried elsewhere (not relayed).
+            UpstreamClosed, UpstreamTimeout, UpstreamProtocolError.
+        """
+        event = await conn.next_event(read_timeout)
         if not isinstance(event, ResponseHead):
             raise UpstreamClosed(f"{conn.origin}: expected a response head, got {event!r}")
         record.head_at = trio.current_time()
@@ -443,16 +487,25 @@ class Engine:
             # RFC 9112 §6.3 item 3: Transfer-Encoding overrides Content-Length,
             # and a proxy must remove the latter before forwarding.
             headers = [(n, v) for n, v in headers if n != b"content-length"]
-        head = ResponseHead(
+        return ResponseHead(
             status_code=event.status_code,
             headers=client_response_headers(
                 headers, request_id=record.request_id, via=_via(event.http_version)
             ),
             reason=event.reason or _PHRASES.get(event.status_code, b""),
         )
-        # Whatever of the body came with the head goes out with it, in one write;
-        # after that, one write per read: nothing waits for more data to be sent.
-        chunks, end = _parsed_body(conn, record)
+
+    async def _relay_rest(
+        self,
+        conn: UpstreamConnection,
+        downstream: Downstream,
+        record: ExchangeLog,
+        head: ResponseHead,
+        chunks: list[bytes],
+        end: bool,
+    ) -> None:
+        """Send the head with what of the body came with it, then one write per read:
+        nothing waits for more data before it is sent."""
         await downstream.send_parts(head, chunks, end)
         try:
             while not end:
