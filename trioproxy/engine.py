@@ -316,7 +316,8 @@ class Engine:
         )
         balancer = self.balancer
         started = trio.current_time()
-        with balancer.track(target):
+        target.inflight += 1  # balancer.track, inlined on the hot path
+        try:
             try:
                 await self._on_pooled_connection(
                     origin, upstream_request, body, downstream, record, retry_status
@@ -339,6 +340,8 @@ class Engine:
             except BaseException:
                 balancer.on_cancelled(target, trio.current_time())
                 raise
+        finally:
+            target.inflight -= 1
         now = trio.current_time()
         if record.status >= 500:
             balancer.on_failure(target, now)
@@ -398,8 +401,10 @@ class Engine:
             protocol = conn.protocol
             await conn.send_mapped(protocol.send_head(request) + protocol.send_end())
             sent = True
+            # One scope for both limits when the read timeout is the longer one.
+            inner = None if self.read_timeout > _FAST_WINDOW else self.read_timeout
             with trio.move_on_after(_FAST_WINDOW):
-                head = await self._read_head(conn, record, retry_status, self.read_timeout)
+                head = await self._read_head(conn, record, retry_status, inner)
                 chunks, end = _parsed_body(conn, record)
             if end:
                 assert head is not None
@@ -467,7 +472,7 @@ class Engine:
         conn: UpstreamConnection,
         record: ExchangeLog,
         retry_status: Callable[[int], bool],
-        read_timeout: float,
+        read_timeout: float | None,
     ) -> ResponseHead:
         """The upstream's response head, made into the client's.
 

@@ -71,8 +71,11 @@ class UpstreamConnection:
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
             raise UpstreamClosed(f"writing to {self.origin}: {exc!r}") from None
 
-    async def next_event(self, read_timeout: float) -> Event:
+    async def next_event(self, read_timeout: float | None) -> Event:
         """The next response event, reading with an idle timeout between reads.
+
+        ``read_timeout=None`` leaves the timing to a cancel scope of the caller's
+        (one scope instead of two nested ones on the hot path).
 
         Raises:
             UpstreamTimeout: nothing arrived for ``read_timeout`` seconds.
@@ -83,19 +86,24 @@ class UpstreamConnection:
         while True:
             event = protocol.next_event()
             if event is NEED_DATA:
-                data: bytes | bytearray = b""
+                if read_timeout is None:
+                    await self._receive_into(protocol)
+                    continue
                 with trio.move_on_after(read_timeout):
-                    try:
-                        data = await self.stream.receive_some(READ_SIZE)
-                    except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
-                        raise UpstreamClosed(f"reading from {self.origin}: {exc!r}") from None
-                    if not data and not self.received:
-                        raise UpstreamClosed(f"{self.origin} closed the connection")
-                    self.received += len(data)
-                    protocol.receive_data(data)
+                    await self._receive_into(protocol)
                     continue
                 raise UpstreamTimeout(f"{self.origin}: no data for {read_timeout} s")
             return event  # type: ignore[return-value]
+
+    async def _receive_into(self, protocol: ClientProtocol) -> None:
+        try:
+            data = await self.stream.receive_some(READ_SIZE)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+            raise UpstreamClosed(f"reading from {self.origin}: {exc!r}") from None
+        if not data and not self.received:
+            raise UpstreamClosed(f"{self.origin} closed the connection")
+        self.received += len(data)
+        protocol.receive_data(data)
 
     def looks_alive(self) -> bool:
         """Whether an idle connection can be reused: nothing to read means no EOF yet.

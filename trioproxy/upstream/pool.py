@@ -16,8 +16,7 @@ Rules (the same as httpcore's, in trio terms):
 from __future__ import annotations
 
 import ssl
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from collections.abc import Callable
 
 import attrs
 import trio
@@ -35,6 +34,29 @@ _CHECK_IDLE_AFTER = 1.0
 class _OriginPool:
     limiter: trio.Semaphore
     idle: list[UpstreamConnection] = attrs.Factory(list)
+
+
+class _Checkout:
+    """The async context manager of ``UpstreamPool.connection`` (a class: the hot
+    path pays for no generator)."""
+
+    __slots__ = ("_conn", "_fresh", "_origin", "_pool", "_pools")
+
+    def __init__(self, pools: UpstreamPool, pool: _OriginPool, origin: Origin, fresh: bool) -> None:
+        self._pools = pools
+        self._pool = pool
+        self._origin = origin
+        self._fresh = fresh
+        self._conn: UpstreamConnection | None = None
+
+    async def __aenter__(self) -> UpstreamConnection:
+        self._conn = await self._pools._acquire(self._pool, self._origin, self._fresh)
+        return self._conn
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            await self._pools._release(self._pool, conn)
 
 
 @attrs.define
@@ -67,11 +89,8 @@ class UpstreamPool:
         pool = self._pools.get(origin)
         return self.max_per_origin - pool.limiter.value if pool else 0
 
-    @asynccontextmanager
-    async def connection(
-        self, origin: Origin, *, fresh: bool = False
-    ) -> AsyncIterator[UpstreamConnection]:
-        """Check out a connection to ``origin`` for one exchange.
+    def connection(self, origin: Origin, *, fresh: bool = False) -> _Checkout:
+        """``async with pool.connection(origin) as conn``: one exchange's connection.
 
         Args:
             fresh: open a new connection even if an idle one exists (used to
@@ -81,7 +100,9 @@ class UpstreamPool:
             PoolTimeout: every connection to the origin stayed busy.
             UpstreamConnectError, UpstreamConnectTimeout: from connecting.
         """
-        pool = self._pool_for(origin)
+        return _Checkout(self, self._pool_for(origin), origin, fresh)
+
+    async def _acquire(self, pool: _OriginPool, origin: Origin, fresh: bool) -> UpstreamConnection:
         try:
             pool.limiter.acquire_nowait()  # the common case needs no timeout scope
         except trio.WouldBlock:
@@ -89,7 +110,6 @@ class UpstreamPool:
                 await pool.limiter.acquire()
             if waited.cancelled_caught:
                 raise PoolTimeout(f"{origin}: {self.max_per_origin} connections busy") from None
-        conn: UpstreamConnection | None = None
         try:
             conn = await self._take_idle(pool) if not fresh else None
             if conn is None:
@@ -101,20 +121,25 @@ class UpstreamPool:
                     connector=self.connector,
                     protocol_factory=self.protocol_factory,
                 )
-            conn.clean = False
-            conn.received = 0
-            yield conn
+        except BaseException:
+            pool.limiter.release()
+            raise
+        conn.clean = False
+        conn.received = 0
+        return conn
+
+    async def _release(self, pool: _OriginPool, conn: UpstreamConnection) -> None:
+        try:
+            if conn.clean and conn.protocol.reusable:
+                conn.protocol.start_next_cycle()
+                conn.exchanges += 1
+                conn.idle_since = trio.current_time()
+                pool.idle.append(conn)
+                await self._close_expired(pool)
+            else:
+                with trio.CancelScope(shield=True):
+                    await conn.aclose()
         finally:
-            if conn is not None:
-                if conn.clean and conn.protocol.reusable:
-                    conn.protocol.start_next_cycle()
-                    conn.exchanges += 1
-                    conn.idle_since = trio.current_time()
-                    pool.idle.append(conn)
-                    await self._close_expired(pool)
-                else:
-                    with trio.CancelScope(shield=True):
-                        await conn.aclose()
             pool.limiter.release()
 
     async def _take_idle(self, pool: _OriginPool) -> UpstreamConnection | None:
