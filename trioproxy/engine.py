@@ -24,6 +24,7 @@ client connection, so a truncated body is never taken for a whole one.
 from __future__ import annotations
 
 import logging
+import math
 import random
 from collections.abc import Callable
 from http import HTTPStatus
@@ -512,20 +513,30 @@ class Engine:
         """Send the head with what of the body came with it, then one write per read:
         nothing waits for more data before it is sent."""
         await downstream.send_parts(head, chunks, end)
+        # One cancel scope for the whole body, its deadline moved before each
+        # read and lifted while the client is written to (a slow client is
+        # backpressure, not an upstream timeout): cheaper than a scope a read.
+        timeout = self.read_timeout
+        reading = trio.CancelScope()
         try:
-            while not end:
-                event = await conn.next_event(self.read_timeout)
-                if type(event) is Body:
-                    record.bytes_out += len(event.data)
-                    chunks, end = _parsed_body(conn, record)
-                    chunks.insert(0, event.data)
-                elif type(event) is EndOfMessage:
-                    chunks, end = [], True
-                else:
-                    raise UpstreamClosed(f"{conn.origin}: unexpected {event!r} in body")
-                await downstream.send_parts(None, chunks, end)
-        except (UpstreamError, UpstreamTimeout) as exc:
+            with reading:
+                while not end:
+                    reading.deadline = trio.current_time() + timeout
+                    event = await conn.next_event(None)
+                    reading.deadline = math.inf
+                    if type(event) is Body:
+                        record.bytes_out += len(event.data)
+                        chunks, end = _parsed_body(conn, record)
+                        chunks.insert(0, event.data)
+                    elif type(event) is EndOfMessage:
+                        chunks, end = [], True
+                    else:
+                        raise UpstreamClosed(f"{conn.origin}: unexpected {event!r} in body")
+                    await downstream.send_parts(None, chunks, end)
+        except UpstreamError as exc:
             raise UpstreamBrokenMidBody(f"{conn.origin}: {exc.detail}") from None
+        if reading.cancelled_caught:
+            raise UpstreamBrokenMidBody(f"{conn.origin}: no data for {timeout} s")
 
 
 def _parsed_body(conn: UpstreamConnection, record: ExchangeLog) -> tuple[list[bytes], bool]:

