@@ -18,6 +18,7 @@ from typing import Any
 
 import h11
 from h11._receivebuffer import ReceiveBuffer
+from h11._state import MIGHT_SWITCH_PROTOCOL as _MIGHT_SWITCH
 
 from trioproxy.errors import ProtocolError, RelayError, UpstreamProtocolError
 from trioproxy.http.framing import check_request_head, check_response_head
@@ -137,7 +138,8 @@ class _H11Base:
 
     @property
     def peer_done(self) -> bool:
-        return self._conn.their_state in (h11.DONE, h11.MUST_CLOSE, h11.CLOSED)
+        # MIGHT_SWITCH_PROTOCOL: an Upgrade request that ended, waiting for our answer.
+        return self._conn.their_state in (h11.DONE, h11.MUST_CLOSE, h11.CLOSED, _MIGHT_SWITCH)
 
     @property
     def buffered(self) -> int:
@@ -208,6 +210,10 @@ class H11Server(_H11Base):
     @property
     def client_is_waiting_for_100_continue(self) -> bool:
         return bool(self._conn.client_is_waiting_for_100_continue)
+
+    def trailing_data(self) -> bytes:
+        # h11 pauses after a request proposing a switch; its buffer holds the rest.
+        return bytes(self._conn.trailing_data[0])
 
 
 class H11Client(_H11Base):

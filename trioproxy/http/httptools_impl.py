@@ -285,6 +285,8 @@ class HttptoolsServer(_Base):
         self._body_seen = False
         # (keep-alive, expects 100-continue) of each parsed head not yet delivered.
         self._head_meta: deque[tuple[bool, bool]] = deque()
+        # What followed an Upgrade request, held unparsed (see trailing_data).
+        self._upgrade_tail: bytearray | None = None
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
@@ -325,18 +327,20 @@ class HttptoolsServer(_Base):
         if not data:
             self._eof = True
             return
+        if self._upgrade_tail is not None:
+            self._upgrade_tail += data
+            return
         if self._their_done:
             self._pending += len(data)
         try:
             self._feed(data)
         except httptools.HttpParserUpgrade as exc:
             # CONNECT or an Upgrade request ended its message; llhttp stops
-            # there. The handler refuses CONNECT; an Upgrade that is not
-            # taken up is an ordinary request, so parse what follows afresh.
+            # there. What follows is held unparsed, as h11 does: it is the new
+            # protocol's if the handler switches (trailing_data), else the
+            # next request, parsed afresh by start_next_cycle.
             offset = exc.args[0] if exc.args and isinstance(exc.args[0], int) else len(data)
-            self._parser = httptools.HttpRequestParser(self)
-            if offset < len(data):
-                self.receive_data(bytes(data)[offset:])
+            self._upgrade_tail = bytearray(data[offset:])
 
     def next_event(self) -> Event | _Sentinel:
         event = super().next_event()
@@ -358,7 +362,22 @@ class HttptoolsServer(_Base):
 
     def send_informational(self, head: ResponseHead) -> bytes:
         self._expect_continue = False
-        return b"HTTP/1.1 %d %b\r\n\r\n" % (head.status_code, head.reason)
+        if head.status_code == 101:
+            self._writer.must_close = True  # no more HTTP on this connection
+        parts = [b"HTTP/1.1 %d %b\r\n" % (head.status_code, head.reason)]
+        for name, value in head.headers:
+            parts += (name, b": ", value, b"\r\n")
+        parts.append(b"\r\n")
+        return b"".join(parts)
+
+    def trailing_data(self) -> bytes:
+        return bytes(self._upgrade_tail or b"")
+
+    @property
+    def buffered(self) -> int:
+        if self._upgrade_tail is not None:
+            return self._pending + len(self._upgrade_tail)
+        return super().buffered
 
     def send_head(self, head: ResponseHead) -> bytes:
         if self._writer.started:
@@ -398,6 +417,12 @@ class HttptoolsServer(_Base):
     def start_next_cycle(self) -> None:
         super().start_next_cycle()
         self._method = None
+        tail, self._upgrade_tail = self._upgrade_tail, None
+        if tail is not None:
+            # The upgrade was not taken up: llhttp stopped, so a new parser.
+            self._parser = httptools.HttpRequestParser(self)
+            if tail:
+                self.receive_data(bytes(tail))
 
 
 class HttptoolsClient(_Base):

@@ -144,7 +144,7 @@ class ServerProtocol(HTTPProtocol, Protocol):
     def send_head(self, head: ResponseHead) -> bytes: ...
 
     def send_informational(self, head: ResponseHead) -> bytes:
-        """A 1xx head (``100 Continue``) before the final response."""
+        """A 1xx head (``100 Continue``) before the final response, or the ``101`` of an upgrade."""
 
     @property
     def request_method(self) -> bytes | None: ...
@@ -152,6 +152,15 @@ class ServerProtocol(HTTPProtocol, Protocol):
     @property
     def client_is_waiting_for_100_continue(self) -> bool:
         """The request said ``Expect: 100-continue`` and no body or response was sent yet."""
+
+    def trailing_data(self) -> bytes:
+        """The bytes received after an ``Upgrade`` request, unparsed (RFC 9110 §7.8).
+
+        The parser stops at the end of a request that proposes to switch
+        protocols, as h11 does: what the client sent next belongs to the new
+        protocol if the switch is made (a ``101`` from ``send_informational``),
+        and is parsed as the next request after ``start_next_cycle`` if not.
+        """
 
 
 class ClientProtocol(HTTPProtocol, Protocol):

@@ -47,6 +47,7 @@ from trioproxy.http.protocol import (
     ResponseHead,
     ServerProtocol,
 )
+from trioproxy.server.websocket import WebSocketSettings, is_websocket_upgrade, serve_websocket
 
 log = logging.getLogger("trioproxy.server")
 access_log = logging.getLogger("trioproxy.access")
@@ -70,8 +71,10 @@ class ServerState:
         max_body_size: int | None = None,
         scheme: str = "http",
         protocol_factory: Callable[[int], ServerProtocol] = H11Server,
+        websocket: WebSocketSettings | None = None,
     ) -> None:
         self.engine = engine
+        self.websocket = websocket or WebSocketSettings()
         self.header_timeout = header_timeout
         self.body_timeout = body_timeout
         self.keepalive_timeout = keepalive_timeout
@@ -198,7 +201,13 @@ class ClientConnection:
         started = time.perf_counter()
         try:
             self._check_declared_length(head)
-            await self.state.engine.handle(head, self, record)
+            if not is_websocket_upgrade(head):
+                await self.state.engine.handle(head, self, record)
+            elif note := await serve_websocket(
+                head, self, record, engine=self.state.engine, settings=self.state.websocket
+            ):
+                self._access(head, record, started, note)
+                return False  # the tunnel ended: so did the connection
         except ClientDisconnected:
             record.status = record.status or 499
             self._access(head, record, started, "client gone")

@@ -36,6 +36,7 @@ from trioproxy.config import Config
 from trioproxy.engine import Engine
 from trioproxy.http.parsers import client_factory, server_factory
 from trioproxy.server.connection import ClientConnection, ServerState
+from trioproxy.server.websocket import WebSocketSettings
 from trioproxy.upstream.pool import UpstreamPool
 
 log = logging.getLogger("trioproxy.server")
@@ -125,6 +126,10 @@ class ProxyServer:
             max_header_size=config.max_header_size,
             max_body_size=config.max_body_size,
             protocol_factory=server_factory(config.http),
+            websocket=WebSocketSettings(
+                max_message_size=config.ws_max_message_size,
+                idle_timeout=config.ws_idle_timeout or None,
+            ),
         )
         self._accepting = trio.CancelScope()
         self._stopped = trio.Event()
