@@ -58,6 +58,8 @@ FLAGS = (
     "--retry-replay-limit",
     "--admin-port",
     "--admin-host",
+    "--ws-max-message-size",
+    "--ws-idle-timeout",
 )
 
 
