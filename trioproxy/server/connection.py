@@ -249,27 +249,29 @@ class ClientConnection:
             return b""
         if self._body_received == 0 and protocol.client_is_waiting_for_100_continue:
             await self._send(protocol.send_informational(ResponseHead(100, [])))
-        with trio.move_on_after(self.state.body_timeout):
-            while True:
+        # Most calls find their event parsed already (a GET's end, the chunks of
+        # a read): only a call that must wait pays for a timeout scope.
+        event = protocol.next_event()
+        while event is NEED_DATA:
+            with trio.move_on_after(self.state.body_timeout):
+                data = await self._receive()
+                if not data:
+                    raise ClientDisconnected("EOF in the request body")
+                protocol.receive_data(data)
                 event = protocol.next_event()
-                if event is NEED_DATA:
-                    data = await self._receive()
-                    if not data:
-                        raise ClientDisconnected("EOF in the request body")
-                    protocol.receive_data(data)
-                    continue
-                if type(event) is Body:
-                    self._body_received += len(event.data)
-                    limit = self.state.max_body_size
-                    if limit is not None and self._body_received > limit:
-                        raise BodyTooLarge(f"body over {limit} bytes")
-                    return event.data
-                if type(event) is EndOfMessage:
-                    return b""
-                if type(event) is ConnectionClosed:
-                    raise ClientDisconnected("EOF in request body")
-                raise AssertionError(f"unexpected {event!r} in a request body")
-        raise ClientTimeout(f"no request body data for {self.state.body_timeout} s")
+                continue
+            raise ClientTimeout(f"no request body data for {self.state.body_timeout} s")
+        if type(event) is Body:
+            self._body_received += len(event.data)
+            limit = self.state.max_body_size
+            if limit is not None and self._body_received > limit:
+                raise BodyTooLarge(f"body over {limit} bytes")
+            return event.data
+        if type(event) is EndOfMessage:
+            return b""
+        if type(event) is ConnectionClosed:
+            raise ClientDisconnected("EOF in request body")
+        raise AssertionError(f"unexpected {event!r} in a request body")
 
     async def wait_disconnect(self) -> None:
         """Read ahead (pipelined requests) until the client closes; bounded by the head limit."""
