@@ -97,6 +97,21 @@ def _strict_connection(role: Any, max_head_size: int) -> h11.Connection:
     return conn
 
 
+def _common_event(event: object) -> Event | _Sentinel:
+    """The seam's event for an h11 event both roles share (everything but heads)."""
+    if type(event) is h11.Data:
+        return Body(bytes(event.data))
+    if type(event) is h11.EndOfMessage:
+        return END_OF_MESSAGE
+    if event is h11.NEED_DATA:
+        return NEED_DATA
+    if event is h11.PAUSED:
+        return PAUSED
+    if type(event) is h11.ConnectionClosed:
+        return CONNECTION_CLOSED
+    raise AssertionError(f"unexpected h11 event {event!r}")  # pragma: no cover
+
+
 class _H11Base:
     __slots__ = ("_conn",)
 
@@ -172,8 +187,6 @@ class H11Server(_H11Base):
             detail = str(exc)
             reason = detail if detail in _OWN_REASONS else ""
             raise ProtocolError(detail, status=exc.error_status_hint, reason=reason) from None
-        if type(event) is h11.Data:
-            return Body(bytes(event.data))
         if type(event) is h11.Request:
             headers = list(event.headers)
             check_request_head(event.target, event.http_version, headers, self._max_head_size)
@@ -183,19 +196,11 @@ class H11Server(_H11Base):
                 headers=headers,
                 http_version=event.http_version,
             )
-        if type(event) is h11.EndOfMessage:
-            return END_OF_MESSAGE
-        if event is h11.NEED_DATA:
-            return NEED_DATA
-        if event is h11.PAUSED:
-            return PAUSED
-        if type(event) is h11.ConnectionClosed:
-            return CONNECTION_CLOSED
-        raise AssertionError(f"unexpected h11 event {event!r}")  # pragma: no cover
+        return _common_event(event)
 
     def send_head(self, head: ResponseHead) -> bytes:
         event = h11.Response(status_code=head.status_code, headers=head.headers, reason=head.reason)
-        return self._conn.send(event) or b""
+        return self._send(event)
 
     def send_informational(self, head: ResponseHead) -> bytes:
         event = h11.InformationalResponse(
@@ -232,8 +237,6 @@ class H11Client(_H11Base):
                 event = self._conn.next_event()
         except h11.RemoteProtocolError as exc:
             raise UpstreamProtocolError(str(exc)) from None
-        if type(event) is h11.Data:
-            return Body(bytes(event.data))
         if type(event) is h11.Response:
             headers = list(event.headers)
             check_response_head(headers, self._max_head_size)
@@ -243,15 +246,7 @@ class H11Client(_H11Base):
                 reason=event.reason,
                 http_version=event.http_version,
             )
-        if type(event) is h11.EndOfMessage:
-            return END_OF_MESSAGE
-        if event is h11.NEED_DATA:
-            return NEED_DATA
-        if event is h11.PAUSED:
-            return PAUSED
-        if type(event) is h11.ConnectionClosed:
-            return CONNECTION_CLOSED
-        raise AssertionError(f"unexpected h11 event {event!r}")  # pragma: no cover
+        return _common_event(event)
 
     def send_head(self, head: RequestHead) -> bytes:
         event = h11.Request(method=head.method, target=head.target, headers=head.headers)
