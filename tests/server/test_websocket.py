@@ -40,6 +40,7 @@ from wsproto.frame_protocol import CloseReason
 from wsproto.handshake import H11Handshake
 from wsproto.utilities import RemoteProtocolError
 
+from trioproxy.errors import NoHealthyUpstream
 from trioproxy.http.protocol import RequestHead
 from trioproxy.server.websocket import (
     CLOSE_REPLY_TIMEOUT,
@@ -989,57 +990,36 @@ async def test_is_websocket_upgrade(autojump_clock: MockClock) -> None:
     assert not is_websocket_upgrade(head(*UPGRADE, (b"transfer-encoding", b"chunked")))
 
 
-class OldBalancer:
-    """The first balancer's shape: ``pick()`` returns an UpstreamURL."""
+async def test_balancing_counts_tunnels_and_reports_outcomes(
+    autojump_clock: MockClock,
+) -> None:
+    """The tunnel's view of the real balancer: pick, counting, outcomes, retry limit."""
+    from trioproxy.balance.balancer import Balancer
+    from trioproxy.balance.retry import RetryPolicy
+    from trioproxy.engine import Engine
+    from trioproxy.upstream.pool import UpstreamPool
 
-    def __init__(self) -> None:
-        self.url = UpstreamURL.parse("http://old.test")
-
-    def pick(self) -> UpstreamURL:
-        return self.url
-
-
-@attrs.define
-class CountedTarget:
-    url: UpstreamURL
-    inflight: int = 0
-    tunnels: int = 0
-
-
-class NewishBalancer:
-    """``pick(request, now=)`` returning a target, but no ``track`` nor outcomes."""
-
-    def __init__(self) -> None:
-        self.target = CountedTarget(UpstreamURL.parse("http://new.test"))
-        self.calls: list[tuple[RequestHead | None, float]] = []
-
-    def pick(self, request: RequestHead | None, *, now: float) -> CountedTarget:
-        self.calls.append((request, now))
-        return self.target
-
-
-@attrs.define
-class FakeEngine:
-    balancer: object
-
-
-async def test_balancing_adapts_to_either_balancer(autojump_clock: MockClock) -> None:
-    old = Balancing(FakeEngine(OldBalancer()))
-    picked = old.pick(head())
-    assert Balancing.url(picked).text == "http://old.test"
-    with old.track(picked, tunnel=True):
-        pass
-    old.report(picked, "success", 0.1)  # nothing to report to: no error
-
-    newish = NewishBalancer()
-    balancing = Balancing(FakeEngine(newish))
-    request = head()
-    target = balancing.pick(request)
-    assert newish.calls[0][0] is request
-    assert Balancing.url(target).text == "http://new.test"
-    with balancing.track(target):
-        assert (newish.target.inflight, newish.target.tunnels) == (1, 0)
-        with balancing.track(target, tunnel=True):
-            assert (newish.target.inflight, newish.target.tunnels) == (2, 1)
-    assert (newish.target.inflight, newish.target.tunnels) == (0, 0)
-    balancing.report(target, "failure")
+    balancer = Balancer.of_urls(
+        [UpstreamURL.parse("http://a.test"), UpstreamURL.parse("http://b.test")]
+    )
+    engine = Engine(balancer=balancer, pool=UpstreamPool(), retry=RetryPolicy(max_attempts=2))
+    balancing = Balancing(engine)
+    first = balancing.pick(head())
+    second = balancing.pick(head(), exclude=[first])
+    assert {Balancing.url(first).text, Balancing.url(second).text} == {
+        "http://a.test",
+        "http://b.test",
+    }
+    with pytest.raises(NoHealthyUpstream):
+        balancing.pick(head(), exclude=[first, second])
+    with balancing.track(first):
+        assert (first.inflight, first.tunnels) == (1, 0)
+        with balancing.track(first, tunnel=True):
+            assert (first.inflight, first.tunnels) == (2, 1)
+    assert (first.inflight, first.tunnels) == (0, 0)
+    balancing.report(first, "success", 0.25)
+    assert first.requests == 1 and first.latency == 0.25
+    balancing.report(second, "failure")
+    assert second.failures == 1
+    assert balancing.may_retry(attempts=1)
+    assert not balancing.may_retry(attempts=2)

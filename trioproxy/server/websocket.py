@@ -86,10 +86,9 @@ import base64
 import binascii
 import logging
 import math
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
+from contextlib import AbstractContextManager
 from http import HTTPStatus
-from inspect import signature
 from typing import Any, Final, Protocol
 
 import attrs
@@ -106,6 +105,7 @@ from wsproto.events import (
 from wsproto.frame_protocol import CloseReason
 from wsproto.utilities import generate_accept_token
 
+from trioproxy.balance.target import Target
 from trioproxy.engine import Engine, ExchangeLog
 from trioproxy.errors import (
     ClientDisconnected,
@@ -230,91 +230,52 @@ def _valid_key(key: bytes) -> bool:
 
 
 class Balancing:
-    """The engine's balancer (and retry rules) seen through what a tunnel needs.
+    """The engine's balancer and retry rules, as a tunnel uses them.
 
-    An adapter while the balancer's API moves: the first balancer had
-    ``pick() -> UpstreamURL``; the health-aware one has ``pick(request, now=,
-    exclude=) -> Target``, reports outcomes (``on_success``, ``on_failure``,
-    ``on_cancelled``) and counts with ``track(target, tunnel=True)``. Whatever
-    the balancer lacks is skipped; a target with ``inflight``/``tunnels``
-    attributes is counted by hand when the balancer has no ``track``. Connect
-    failures are retried within the engine's ``retry.max_attempts`` and
-    ``budget`` when it has them, on each target at most once.
+    The tunnel picks like the engine (``exclude`` for retries), reports the
+    outcome of its handshake to the balancer (breaker and passive health), and
+    counts an open tunnel in the target's ``inflight`` and ``tunnels`` for
+    ``least_connections``. Connect failures are retried on other targets
+    within the engine's ``retry.max_attempts`` and retry budget.
     """
 
-    def __init__(self, engine: Any) -> None:
+    def __init__(self, engine: Engine) -> None:
         self._engine = engine
         self._balancer = engine.balancer
-        parameters = signature(self._balancer.pick).parameters
-        self._pick_takes_request = "now" in parameters
-        self._pick_excludes = "exclude" in parameters
-        budget = getattr(engine, "budget", None)
-        if budget is not None:
-            budget.record_request(trio.current_time())
+        engine.budget.record_request(trio.current_time())
 
-    def pick(self, head: RequestHead, *, exclude: Sequence[object] = ()) -> object:
-        """A target; with ``exclude``, one not in it (NoHealthyUpstream if none is left)."""
-        if not self._pick_takes_request:
-            target = self._balancer.pick()
-            if target in exclude:
-                raise NoHealthyUpstream("every upstream was tried")
-            return target
-        now = trio.current_time()
-        if self._pick_excludes and exclude:
-            return self._balancer.pick(head, now=now, exclude=exclude)
-        return self._balancer.pick(head, now=now)
+    def pick(self, head: RequestHead, *, exclude: Sequence[Target] = ()) -> Target:
+        """A target not in ``exclude`` (NoHealthyUpstream if none is left)."""
+        return self._balancer.pick(head, now=trio.current_time(), exclude=exclude)
 
     def may_retry(self, *, attempts: int) -> bool:
         """Whether a connect failure may be tried again on another target."""
-        policy = getattr(self._engine, "retry", None)
-        if attempts >= getattr(policy, "max_attempts", 1):
+        if attempts >= self._engine.retry.max_attempts:
             return False
-        budget = getattr(self._engine, "budget", None)
+        budget = self._engine.budget
         now = trio.current_time()
-        if budget is not None:
-            if not budget.can_retry(now):
-                return False
-            budget.record_retry(now)
+        if not budget.can_retry(now):
+            return False
+        budget.record_retry(now)
         return True
 
     @staticmethod
-    def url(target: object) -> UpstreamURL:
-        if isinstance(target, UpstreamURL):
-            return target
-        url = getattr(target, "url", None)
-        assert isinstance(url, UpstreamURL), f"balancer picked {target!r}"
-        return url
+    def url(target: Target) -> UpstreamURL:
+        return target.url
 
-    @contextmanager
-    def track(self, target: object, *, tunnel: bool = False) -> Iterator[None]:
+    def track(self, target: Target, *, tunnel: bool = False) -> AbstractContextManager[None]:
         """Count a handshake (``tunnel=False``) or an open tunnel on ``target``."""
-        track = getattr(self._balancer, "track", None)
-        if track is not None:
-            with track(target, tunnel=tunnel):
-                yield
-            return
-        counters = [
-            name
-            for name in ("inflight", "tunnels")
-            if hasattr(target, name) and (tunnel or name == "inflight")
-        ]
-        for name in counters:
-            setattr(target, name, getattr(target, name) + 1)
-        try:
-            yield
-        finally:
-            for name in counters:
-                setattr(target, name, getattr(target, name) - 1)
+        return self._balancer.track(target, tunnel=tunnel)
 
-    def report(self, target: object, outcome: str, latency: float | None = None) -> None:
+    def report(self, target: Target, outcome: str, latency: float | None = None) -> None:
         """``outcome``: ``success``, ``failure`` (connect error, timeout, 5xx) or ``cancelled``."""
-        method = getattr(self._balancer, f"on_{outcome}", None)
-        if method is None:
-            return
+        now = trio.current_time()
         if outcome == "success":
-            method(target, trio.current_time(), latency=latency)
+            self._balancer.on_success(target, now, latency=latency)
+        elif outcome == "failure":
+            self._balancer.on_failure(target, now)
         else:
-            method(target, trio.current_time())
+            self._balancer.on_cancelled(target, now)
 
 
 # --- the upgrade ------------------------------------------------------------------------
@@ -442,7 +403,7 @@ async def serve_websocket(
 
 async def _connect(
     head: RequestHead, balancing: Balancing, engine: Engine, record: ExchangeLog
-) -> tuple[object, UpstreamWebSocket]:
+) -> tuple[Target, UpstreamWebSocket]:
     """A target and a connection to it; a target that refuses the connection is
     left for another one, as the engine does: the upstream never saw the request.
 
@@ -450,7 +411,7 @@ async def _connect(
         NoHealthyUpstream: no target to try.
         UpstreamConnectError, UpstreamConnectTimeout: the last target tried failed.
     """
-    tried: list[object] = []
+    tried: list[Target] = []
     error: ProxyError | None = None
     while True:
         try:
