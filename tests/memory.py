@@ -541,3 +541,19 @@ def start_proxy(
         protocol_factory=server_factory(parser),
     )
     return Proxy(upstream, pool, engine, state, nursery)
+
+
+#: Fake seconds after which a test counts as hung.
+CEILING = 3600.0
+
+
+@pytest.fixture(autouse=True)
+async def fake_time_ceiling(nursery: trio.Nursery, autojump_clock: trio.testing.MockClock) -> None:
+    """Fail a test still blocked after CEILING s of fake time, at once (not at the
+    60 s real-time limit). Autouse in every module that imports it."""
+
+    async def ceiling() -> None:
+        await trio.sleep(CEILING)
+        raise AssertionError(f"still blocked after {CEILING} s of fake time")
+
+    nursery.start_soon(ceiling)

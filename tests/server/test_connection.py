@@ -25,6 +25,7 @@ from memory import (
     ReceivedRequest,
     Reply,
     UpstreamPeer,
+    fake_time_ceiling,  # noqa: F401  (autouse: fails a hung test fast)
     ok,
     start_proxy,
 )
@@ -37,19 +38,6 @@ def parser(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> s
     name: str = request.param
     monkeypatch.setattr(memory, "PARSER", name)
     return name
-
-
-#: Fake seconds after which a test counts as hung.
-CEILING = 3600.0
-
-
-@pytest.fixture(autouse=True)
-async def fake_time_ceiling(nursery: trio.Nursery, autojump_clock: MockClock) -> None:
-    async def ceiling() -> None:
-        await trio.sleep(CEILING)
-        raise AssertionError(f"still blocked after {CEILING} s of fake time")
-
-    nursery.start_soon(ceiling)
 
 
 async def settle() -> None:

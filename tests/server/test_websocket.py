@@ -20,7 +20,13 @@ import memory
 import pytest
 import trio
 import trio.testing
-from memory import FakeUpstream, Proxy, UpstreamPeer, start_proxy
+from memory import (
+    FakeUpstream,
+    Proxy,
+    UpstreamPeer,
+    fake_time_ceiling,  # noqa: F401  (autouse: fails a hung test fast)
+    start_proxy,
+)
 from trio.testing import MockClock
 from wsproto.connection import Connection, ConnectionState, ConnectionType
 from wsproto.events import (
@@ -51,19 +57,6 @@ from trioproxy.server.websocket import (
     is_websocket_upgrade,
 )
 from trioproxy.upstream.origin import UpstreamURL
-
-#: Fake seconds after which a test counts as hung.
-CEILING = 3600.0
-
-
-@pytest.fixture(autouse=True)
-async def fake_time_ceiling(nursery: trio.Nursery, autojump_clock: MockClock) -> None:
-    async def ceiling() -> None:
-        await trio.sleep(CEILING)
-        raise AssertionError(f"still blocked after {CEILING} s of fake time")
-
-    nursery.start_soon(ceiling)
-
 
 # --- a test's WebSocket peer ---------------------------------------------------------------
 

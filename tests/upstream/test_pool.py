@@ -14,7 +14,15 @@ import memory
 import pytest
 import trio
 import trio.testing
-from memory import ORIGIN, FakeUpstream, ReceivedRequest, Reply, UpstreamPeer, ok
+from memory import (
+    ORIGIN,
+    FakeUpstream,
+    ReceivedRequest,
+    Reply,
+    UpstreamPeer,
+    fake_time_ceiling,  # noqa: F401  (autouse: fails a hung test fast)
+    ok,
+)
 from trio.testing import MockClock
 
 from trioproxy.errors import PoolTimeout, UpstreamConnectError, UpstreamConnectTimeout
@@ -23,17 +31,6 @@ from trioproxy.http.protocol import Body, EndOfMessage, RequestHead, ResponseHea
 from trioproxy.upstream.connection import UpstreamConnection
 from trioproxy.upstream.origin import UpstreamURL
 from trioproxy.upstream.pool import UpstreamPool
-
-CEILING = 3600.0
-
-
-@pytest.fixture(autouse=True)
-async def fake_time_ceiling(nursery: trio.Nursery, autojump_clock: MockClock) -> None:
-    async def ceiling() -> None:
-        await trio.sleep(CEILING)
-        raise AssertionError(f"still blocked after {CEILING} s of fake time")
-
-    nursery.start_soon(ceiling)
 
 
 @pytest.fixture(autouse=True, params=["h11", "httptools"])
