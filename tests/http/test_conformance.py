@@ -326,6 +326,16 @@ def test_options_asterisk_and_absolute_form_are_parsed(server_factory: ServerFac
 POST = b"POST / HTTP/1.1\r\nHost: h\r\n"
 
 REFUSED: dict[str, tuple[bytes, int | set[int]]] = {
+    # Found by tests/e2e/test_fuzz.py: the two parsers must refuse these alike.
+    # RFC 9110 §9.1: a method neither parser knows is 501 (llhttp's list is the rule).
+    "extension-method": (b"POT / HTTP/1.1\r\nHost: example.test\r\n\r\n", 501),
+    # RFC 9110 §5.5: no control character but HTAB in a field value.
+    "del-in-field-value": (b"GET / HTTP/1.1\r\nHost: h\r\nX-Note: a\x7fb\r\n\r\n", 400),
+    "soh-in-field-value": (b"GET / HTTP/1.1\r\nHost: h\r\nX-Note: a\x01b\r\n\r\n", 400),
+    # The contract's 505, also where llhttp itself refuses the version.
+    "http-1-9": (b"GET / HTTP/1.9\r\nHost: example.test\r\n\r\n", 505),
+    # Not a request line at all (a TLS ClientHello's first bytes): 400, not 501.
+    "tls-client-hello": (b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03 x\r\n\r\n", 400),
     # RFC 9112 §6.3 item 3: both framings at once is how requests are smuggled.
     "cl-then-te": (POST + b"Content-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n", 400),
     "te-then-cl": (POST + b"Transfer-Encoding: chunked\r\nContent-Length: 5\r\n\r\n", 400),

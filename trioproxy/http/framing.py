@@ -11,6 +11,15 @@ from trioproxy.http.protocol import Headers
 
 _VERSIONS = (b"1.1", b"1.0")
 
+#: The methods both parsers know (llhttp's list, the stricter of the two): any
+#: other answers 501 (RFC 9110 §9.1), so --http h11 and httptools agree.
+KNOWN_METHODS = frozenset(
+    b"GET HEAD POST PUT DELETE OPTIONS TRACE PATCH CONNECT COPY LOCK MKCOL MOVE PROPFIND "
+    b"PROPPATCH SEARCH UNLOCK BIND REBIND UNBIND ACL REPORT MKACTIVITY CHECKOUT MERGE "
+    b"M-SEARCH NOTIFY SUBSCRIBE UNSUBSCRIBE PURGE MKCALENDAR LINK UNLINK SOURCE QUERY".split()
+)
+UNKNOWN_METHOD = "method not implemented by this proxy"
+
 
 def head_size(start_line_len: int, headers: Headers) -> int:
     """The size of a head as received, up to the line ends (close enough for a limit)."""
@@ -20,14 +29,19 @@ def head_size(start_line_len: int, headers: Headers) -> int:
     return size
 
 
-def check_request_head(target: bytes, http_version: bytes, headers: Headers, limit: int) -> None:
+def check_request_head(
+    method: bytes, target: bytes, http_version: bytes, headers: Headers, limit: int
+) -> None:
     """Refuse a request head the proxy must not forward.
 
     Raises:
-        ProtocolError: 431 over ``limit``; 505 for a version other than 1.0/1.1;
+        ProtocolError: 501 for a method outside KNOWN_METHODS; 431 over ``limit``;
+            505 for a version other than 1.0/1.1;
             400 for Content-Length with Transfer-Encoding (RFC 9112 §6.3) or an
             HTTP/1.1 request without exactly one Host (RFC 9112 §3.2).
     """
+    if method not in KNOWN_METHODS:
+        raise ProtocolError("unknown method", status=501, reason=UNKNOWN_METHOD)
     if http_version not in _VERSIONS:
         if http_version[:1] in (b"0", b""):
             raise ProtocolError("HTTP/0.9 request", status=400)

@@ -14,6 +14,7 @@ is a request-smuggling vector, so this adapter refuses all three itself:
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import h11
@@ -70,8 +71,12 @@ _BARE_LF = "bare LF in message head"
 _OBS_FOLD = "obsolete line folding in message head"
 _BARE_CR = "bare CR in message head"
 _MANY_LENGTHS = "more than one Content-Length"
+_CONTROL = "control character in message head"
+# RFC 9110 §5.5: no CTL but HTAB in a field value (h11 lets 0x01-0x1f and 0x7f
+# through; llhttp refuses them: refusing here too keeps the parsers alike).
+_CONTROL_RE = re.compile(rb"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 #: Our own messages are fixed texts, safe to show the client; h11's quote its input.
-_OWN_REASONS = frozenset({_BARE_LF, _OBS_FOLD, _BARE_CR, _MANY_LENGTHS})
+_OWN_REASONS = frozenset({_BARE_LF, _OBS_FOLD, _BARE_CR, _MANY_LENGTHS, _CONTROL})
 
 
 def _check_head_lines(head: bytes) -> None:
@@ -81,6 +86,8 @@ def _check_head_lines(head: bytes) -> None:
         raise h11.LocalProtocolError(_OBS_FOLD)
     if head.count(b"\r") != head.count(b"\r\n"):
         raise h11.LocalProtocolError(_BARE_CR)
+    if _CONTROL_RE.search(head):
+        raise h11.LocalProtocolError(_CONTROL)
     # h11 merges equal repeated Content-Length lines (and "3, 3"); llhttp and
     # nginx refuse them, and so do we (RFC 9112 §6.3 item 5 allows either).
     lowered = head.lower()
@@ -189,7 +196,9 @@ class H11Server(_H11Base):
             raise ProtocolError(detail, status=exc.error_status_hint, reason=reason) from None
         if type(event) is h11.Request:
             headers = list(event.headers)
-            check_request_head(event.target, event.http_version, headers, self._max_head_size)
+            check_request_head(
+                event.method, event.target, event.http_version, headers, self._max_head_size
+            )
             return RequestHead(
                 method=event.method,
                 target=event.target,

@@ -21,13 +21,14 @@ checks for both implementations.
 
 from __future__ import annotations
 
+import re
 from collections import deque
 from typing import Any
 
 import httptools
 
 from trioproxy.errors import ProtocolError, RelayError, UpstreamProtocolError
-from trioproxy.http.framing import check_request_head, check_response_head
+from trioproxy.http.framing import UNKNOWN_METHOD, check_request_head, check_response_head
 from trioproxy.http.protocol import (
     CONNECTION_CLOSED,
     END_OF_MESSAGE,
@@ -41,8 +42,19 @@ from trioproxy.http.protocol import (
     _Sentinel,
 )
 
+#: A well-formed request line (RFC 9112 §3): method token, target, version.
+_METHOD_TOKEN = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+ [^\x00-\x20\x7f]+ HTTP/[0-9]\.[0-9]\r\n")
 _NO_BODY_STATUSES = frozenset({204, 304})
 _OWS = b" \t"
+
+
+def _request_parser(protocol: object) -> httptools.HttpRequestParser:
+    """llhttp for requests. ``lenient_version``: llhttp refuses HTTP/1.2-1.9 with a
+    plain parse error; accepting them here lets the shared head check answer 505,
+    as the seam's contract says (and as h11 does)."""
+    parser = httptools.HttpRequestParser(protocol)
+    parser.set_dangerous_leniencies(lenient_version=True)
+    return parser
 
 
 class _StopAtHead(Exception):
@@ -197,6 +209,13 @@ class _Base:
             self._error = context if isinstance(context, Exception) else self._parse_error(str(exc))
         except httptools.HttpParserUpgrade:
             raise
+        except httptools.HttpParserInvalidMethodError:
+            # llhttp says this for garbage (a TLS hello) as for a method it does not
+            # know: only a well-formed request line has an unknown method (501).
+            if _METHOD_TOKEN.match(data):
+                self._error = ProtocolError("unknown method", status=501, reason=UNKNOWN_METHOD)
+            else:
+                self._error = self._parse_error("invalid request line")
         except httptools.HttpParserError as exc:
             self._error = self._parse_error(str(exc))
         except (ProtocolError, UpstreamProtocolError) as exc:
@@ -277,7 +296,7 @@ class HttptoolsServer(_Base):
 
     def __init__(self, max_head_size: int = 65536) -> None:
         super().__init__(max_head_size)
-        self._parser: httptools.HttpRequestParser = httptools.HttpRequestParser(self)
+        self._parser: httptools.HttpRequestParser = _request_parser(self)
         self._url = b""
         self._method: bytes | None = None
         self._version = b"1.1"
@@ -300,7 +319,7 @@ class HttptoolsServer(_Base):
         headers = self._headers
         self._in_head = False
         version = parser.get_http_version().encode("ascii")
-        check_request_head(self._url, version, headers, self._max_head_size)
+        check_request_head(parser.get_method(), self._url, version, headers, self._max_head_size)
         expect = False
         for name, value in headers:
             if name == b"transfer-encoding" and value.lower() != b"chunked":
@@ -420,7 +439,7 @@ class HttptoolsServer(_Base):
         tail, self._upgrade_tail = self._upgrade_tail, None
         if tail is not None:
             # The upgrade was not taken up: llhttp stopped, so a new parser.
-            self._parser = httptools.HttpRequestParser(self)
+            self._parser = _request_parser(self)
             if tail:
                 self.receive_data(bytes(tail))
 
