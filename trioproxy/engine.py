@@ -14,6 +14,18 @@ Either side ending badly cancels the other. The upstream connection is marked
 clean (and so goes back to the pool) only if the request was sent whole and the
 response was read to its end without anything being cancelled.
 
+The fast path skips the nursery: a request without a body is sent in one write,
+and a response that arrives whole within ``_FAST_WINDOW`` (100 ms) is answered
+in one write, with no second task and no watch on the client socket (that watch
+costs syscalls; a client that leaves is noticed within the window anyway).
+
+Retries: an attempt that fails before the upstream saw the request goes to
+another target; an idempotent request with a replayable body (recorded up to
+``RetryPolicy.replay_limit``) also after a 502/503/504, a timeout or a close
+before the head. Never once a response byte reached the client; backoff with
+full jitter and a retry budget bound them. Every attempt reports its outcome to
+the balancer (breaker, passive health, latency EWMA).
+
 Errors before the response head reached the client propagate as
 :class:`~trioproxy.errors.ProxyError` for the front end to answer with their
 status; after that, an upstream failure is
