@@ -39,7 +39,6 @@ import logging
 import math
 import random
 from collections.abc import Callable
-from http import HTTPStatus
 from typing import Protocol
 
 import attrs
@@ -63,8 +62,10 @@ from trioproxy.http.headers import (
     client_response_headers,
     get_first,
     new_request_id,
+    reason_phrase,
     request_id_from,
     upstream_request_headers,
+    via_entry,
 )
 from trioproxy.http.protocol import NEED_DATA, Body, EndOfMessage, RequestHead, ResponseHead
 from trioproxy.upstream.connection import UpstreamConnection
@@ -72,16 +73,6 @@ from trioproxy.upstream.origin import Origin
 from trioproxy.upstream.pool import UpstreamPool
 
 log = logging.getLogger("trioproxy.engine")
-
-_PHRASES = {status.value: status.phrase.encode() for status in HTTPStatus}
-
-_VIA = {b"1.1": b"1.1 trioproxy", b"1.0": b"1.0 trioproxy"}
-
-
-def _via(http_version: bytes) -> bytes:
-    """Our Via entry: the protocol version we received, then our name (RFC 9110 §7.6.3)."""
-    return _VIA.get(http_version) or b"%b trioproxy" % http_version
-
 
 #: How long the fast path waits for a whole response before it also watches the
 #: client (the longest a client that left goes unnoticed).
@@ -108,15 +99,9 @@ class Downstream(Protocol):
     async def wait_disconnect(self) -> None:
         """Return only by raising ClientDisconnected when the client goes away."""
 
-    async def send_head(self, head: ResponseHead) -> None: ...
-
-    async def send_body(self, data: bytes) -> None: ...
-
-    async def send_end(self) -> None: ...
-
     async def send_parts(self, head: ResponseHead | None, chunks: list[bytes], end: bool) -> None:
-        """``send_head`` (if a head), ``send_body`` for each chunk, ``send_end`` (if
-        ``end``), written together."""
+        """The response head (if any), body chunks, and its end (if ``end``), written
+        together."""
 
 
 @attrs.define
@@ -134,7 +119,6 @@ class ExchangeLog:
 class _RequestSide:
     client_error: ProxyError | None = None
     sent: bool = False
-    upstream_write_failed: bool = False
 
 
 class _ReplayableBody:
@@ -153,11 +137,14 @@ class _ReplayableBody:
         "_overflow",
         "_replay",
         "_size",
+        "present",
         "started",
     )
 
     def __init__(self, downstream: Downstream, limit: int) -> None:
         self._downstream = downstream
+        #: The request declares a body (asked once: it scans the headers).
+        self.present = downstream.request_has_body()
         self._limit = limit
         self._chunks: list[bytes] = []
         self._size = 0
@@ -243,9 +230,7 @@ class Engine:
         record.request_id = request_id_from(request.headers) or new_request_id()
         idempotent = request.method in IDEMPOTENT
         body = _ReplayableBody(downstream, self.retry.replay_limit if idempotent else 0)
-        chunked = (
-            downstream.request_has_body() and get_first(request.headers, b"content-length") is None
-        )
+        chunked = body.present and get_first(request.headers, b"content-length") is None
         policy = self.retry
         tried: list[Target] = []
         self.budget.record_request(trio.current_time())
@@ -318,7 +303,7 @@ class Engine:
             upstream_host=origin.host_header,
             preserve_host=self.preserve_host,
             request_id=record.request_id,
-            via=_via(request.http_version),
+            via=via_entry(request.http_version),
         )
         if chunked:
             headers.append((b"transfer-encoding", b"chunked"))
@@ -409,7 +394,7 @@ class Engine:
         chunks: list[bytes] = []
         end = False
         sent = False
-        if not downstream.request_has_body():
+        if not body.present:
             await body.receive()  # b"": the request is complete
             protocol = conn.protocol
             await conn.send_mapped(protocol.send_head(request) + protocol.send_end())
@@ -475,7 +460,7 @@ class Engine:
                 side.sent = True
             await downstream.wait_disconnect()
         except UpstreamError:
-            side.upstream_write_failed = True
+            pass  # the response side learns what the upstream did
         except ProxyError as exc:
             side.client_error = exc
             cancel_scope.cancel()
@@ -508,9 +493,9 @@ class Engine:
         return ResponseHead(
             status_code=event.status_code,
             headers=client_response_headers(
-                headers, request_id=record.request_id, via=_via(event.http_version)
+                headers, request_id=record.request_id, via=via_entry(event.http_version)
             ),
-            reason=event.reason or _PHRASES.get(event.status_code, b""),
+            reason=event.reason or reason_phrase(event.status_code),
         )
 
     async def _relay_rest(

@@ -368,3 +368,19 @@ def test_response_extends_via_and_replaces_request_id() -> None:
         (b"via", b"1.1 app, 1.0 sidecar, 1.0 trioproxy"),
         (b"x-request-id", RID),
     ]
+
+
+def test_reason_phrase_is_the_standard_one_or_empty() -> None:
+    from trioproxy.http.headers import reason_phrase
+
+    assert reason_phrase(200) == b"OK"
+    assert reason_phrase(504) == b"Gateway Timeout"
+    assert reason_phrase(299) == b""
+
+
+def test_via_entry_names_the_version_received() -> None:
+    from trioproxy.http.headers import via_entry
+
+    assert via_entry(b"1.1") == b"1.1 trioproxy"
+    assert via_entry(b"1.0") == b"1.0 trioproxy"
+    assert via_entry(b"2") == b"2 trioproxy"

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import os
 import random
+from http import HTTPStatus
 from typing import Final
 
 from trioproxy.http.protocol import Headers
@@ -280,3 +281,17 @@ def client_response_headers(
     out.append((b"via", _extend_chain(via_chain, via)))
     out.append((b"x-request-id", request_id))
     return out
+
+
+_PHRASES: Final = {status.value: status.phrase.encode() for status in HTTPStatus}
+_VIA: Final = {b"1.1": b"1.1 trioproxy", b"1.0": b"1.0 trioproxy"}
+
+
+def reason_phrase(status: int) -> bytes:
+    """The standard reason phrase for ``status`` (RFC 9110 §15), or ``b""``."""
+    return _PHRASES.get(status, b"")
+
+
+def via_entry(http_version: bytes) -> bytes:
+    """Our ``Via`` entry: the protocol version received, then our name (RFC 9110 §7.6.3)."""
+    return _VIA.get(http_version) or b"%b trioproxy" % http_version

@@ -43,7 +43,7 @@ HTTP/1.1 peer, and otherwise delimits the body by closing the connection.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Final, Literal, Protocol, TypeAlias
+from typing import Final, Protocol, TypeAlias
 
 import attrs
 
@@ -167,6 +167,5 @@ class ClientProtocol(HTTPProtocol, Protocol):
     def send_head(self, head: RequestHead) -> bytes: ...
 
 
-ParserName: TypeAlias = Literal["h11"]
 ServerFactory: TypeAlias = Callable[[int], ServerProtocol]
 ClientFactory: TypeAlias = Callable[[int], ClientProtocol]

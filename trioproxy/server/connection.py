@@ -21,7 +21,6 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from http import HTTPStatus
 
 import trio
 
@@ -37,6 +36,7 @@ from trioproxy.errors import (
     UpstreamBrokenMidBody,
 )
 from trioproxy.http.h11_impl import H11Server
+from trioproxy.http.headers import reason_phrase
 from trioproxy.http.protocol import (
     NEED_DATA,
     PAUSED,
@@ -284,16 +284,10 @@ class ClientConnection:
         await trio.sleep_forever()
 
     async def send_head(self, head: ResponseHead) -> None:
-        if self.state.draining:
-            head = ResponseHead(
-                head.status_code, [*head.headers, (b"connection", b"close")], head.reason
-            )
-        data = self.protocol.send_head(head)
-        self._response_started = True
-        await self._send(data)
+        await self.send_parts(head, [], False)
 
     async def send_body(self, data: bytes) -> None:
-        await self._send(self.protocol.send_body(data))
+        await self.send_parts(None, [data], False)
 
     async def send_parts(self, head: ResponseHead | None, chunks: list[bytes], end: bool) -> None:
         """Head (if any), body chunks and end (if ``end``) in one write: one syscall and
@@ -314,7 +308,7 @@ class ClientConnection:
         await self._send(parts[0] if len(parts) == 1 else b"".join(parts))
 
     async def send_end(self) -> None:
-        await self._send(self.protocol.send_end())
+        await self.send_parts(None, [], True)
 
     # --- I/O, mapped to our errors -------------------------------------------------
 
@@ -336,7 +330,7 @@ class ClientConnection:
     async def _answer_error(self, exc: ProxyError, *, close: bool, request_id: bytes = b"") -> None:
         """A short text response naming the cause; then, if closing, a graceful close."""
         status = exc.status
-        phrase = HTTPStatus(status).phrase if status in HTTPStatus._value2member_map_ else ""
+        phrase = reason_phrase(status).decode()
         body = f"{status} {phrase}: {exc.reason}\n".encode()
         headers = [
             (b"content-type", b"text/plain; charset=utf-8"),

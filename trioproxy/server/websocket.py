@@ -32,8 +32,7 @@ import binascii
 import logging
 from collections.abc import Sequence
 from contextlib import AbstractContextManager
-from http import HTTPStatus
-from typing import Any, Final, Protocol
+from typing import Any, Protocol
 
 import attrs
 import trio
@@ -58,8 +57,10 @@ from trioproxy.http.headers import (
     get_first,
     has_token,
     new_request_id,
+    reason_phrase,
     request_id_from,
     upstream_request_headers,
+    via_entry,
 )
 from trioproxy.http.protocol import Headers, RequestHead, ResponseHead, ServerProtocol
 from trioproxy.server.ws_tunnel import (
@@ -78,10 +79,6 @@ from trioproxy.upstream.websocket import (
 )
 
 log = logging.getLogger("trioproxy.websocket")
-
-
-_VIA: Final = b"1.1 trioproxy"
-_PHRASES: Final = {status.value: status.phrase.encode() for status in HTTPStatus}
 
 
 # --- the client's opening handshake ------------------------------------------------------
@@ -284,7 +281,7 @@ async def serve_websocket(
             upstream_host=url.origin.host_header,
             preserve_host=engine.preserve_host,
             request_id=record.request_id,
-            via=_VIA,
+            via=via_entry(b"1.1"),
         )
         host = get_first(fields, b"host") or url.origin.host_header
         upstream_target = url.upstream_target(head.target)
@@ -418,8 +415,8 @@ async def _relay_refusal(
     await downstream.send_head(
         ResponseHead(
             answer.status,
-            client_response_headers(headers, request_id=record.request_id, via=_VIA),
-            _PHRASES.get(answer.status, b""),
+            client_response_headers(headers, request_id=record.request_id, via=via_entry(b"1.1")),
+            reason_phrase(answer.status),
         )
     )
     if answer.has_body:
@@ -447,7 +444,7 @@ async def _accept_client(
     if answer.subprotocol is not None:
         headers.append((b"sec-websocket-protocol", answer.subprotocol.encode("ascii")))
     passed = [field for field in answer.headers if field[0] not in HANDSHAKE_FIELDS]
-    headers += client_response_headers(passed, request_id=record.request_id, via=_VIA)
+    headers += client_response_headers(passed, request_id=record.request_id, via=via_entry(b"1.1"))
     data = downstream.protocol.send_informational(
         ResponseHead(101, headers, b"Switching Protocols")
     )
