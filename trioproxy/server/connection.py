@@ -48,6 +48,7 @@ from trioproxy.http.protocol import (
     ServerProtocol,
 )
 from trioproxy.server.websocket import WebSocketSettings, is_websocket_upgrade, serve_websocket
+from trioproxy.sockets import socket_of
 
 log = logging.getLogger("trioproxy.server")
 access_log = logging.getLogger("trioproxy.access")
@@ -94,7 +95,7 @@ class ServerState:
 
 
 class ClientConnection:
-    def __init__(self, stream: trio.SocketStream | trio.abc.Stream, state: ServerState) -> None:
+    def __init__(self, stream: trio.abc.Stream, state: ServerState) -> None:
         self.stream = stream
         self.state = state
         self.protocol: ServerProtocol = state.protocol_factory(state.max_header_size)
@@ -358,7 +359,7 @@ class ClientConnection:
     async def _linger(self) -> None:
         """Shut our side and discard what the client still sends, within bounds."""
         try:
-            if isinstance(self.stream, trio.SocketStream):
+            if isinstance(self.stream, trio.abc.HalfCloseableStream):
                 await self.stream.send_eof()
             with trio.move_on_after(LINGER_SECONDS):
                 discarded = 0
@@ -389,10 +390,10 @@ class ClientConnection:
 
 
 def _peer_host(stream: trio.abc.Stream) -> str:
-    inner = stream.transport_stream if isinstance(stream, trio.SSLStream) else stream
-    if isinstance(inner, trio.SocketStream):
+    sock = socket_of(stream)
+    if sock is not None:
         try:
-            peer = inner.socket.getpeername()
+            peer = sock.getpeername()
         except OSError:
             return "unknown"
         if isinstance(peer, tuple):

@@ -37,6 +37,7 @@ from trioproxy.engine import Engine
 from trioproxy.http.parsers import client_factory, server_factory
 from trioproxy.server.connection import ClientConnection, ServerState
 from trioproxy.server.websocket import WebSocketSettings
+from trioproxy.sockets import FastSocketStream
 from trioproxy.upstream.pool import UpstreamPool
 
 log = logging.getLogger("trioproxy.server")
@@ -213,9 +214,9 @@ class ProxyServer:
                     await trio.sleep(0.1)
                     continue
                 raise
-            handlers.start_soon(self._serve_connection, stream)
+            handlers.start_soon(self._serve_connection, FastSocketStream.adopt(stream))
 
-    async def _serve_connection(self, stream: trio.SocketStream) -> None:
+    async def _serve_connection(self, stream: FastSocketStream) -> None:
         try:
             await ClientConnection(stream, self.state).serve()
         except Exception:

@@ -20,6 +20,7 @@ from trioproxy.errors import (
 )
 from trioproxy.http.h11_impl import H11Client
 from trioproxy.http.protocol import NEED_DATA, ClientProtocol, Event
+from trioproxy.sockets import FastSocketStream, socket_of
 from trioproxy.upstream.origin import Origin
 
 READ_SIZE = 65536
@@ -34,7 +35,7 @@ Connector = Callable[[Origin], Awaitable[trio.abc.Stream]]
 
 
 async def tcp_connector(origin: Origin) -> trio.abc.Stream:
-    return await trio.open_tcp_stream(origin.host, origin.port)
+    return FastSocketStream.adopt(await trio.open_tcp_stream(origin.host, origin.port))
 
 
 class UpstreamConnection:
@@ -132,13 +133,11 @@ class UpstreamConnection:
         An idle HTTP/1.1 connection has nothing to say; if its socket is
         readable the server closed it (or sent garbage), so it is not reused.
         """
-        stream = self.stream
-        if isinstance(stream, trio.SSLStream):
-            stream = stream.transport_stream
-        if not isinstance(stream, trio.SocketStream):  # pragma: no cover
+        sock = socket_of(self.stream)
+        if sock is None:  # pragma: no cover
             return True
         try:
-            fd = stream.socket.fileno()
+            fd = sock.fileno()
         except OSError:  # pragma: no cover
             return False
         if fd < 0:

@@ -1,0 +1,194 @@
+"""A TCP stream that visits the scheduler only when it must wait.
+
+``trio.SocketStream`` makes every successful ``send``/``recv`` a full
+checkpoint: after the syscall it yields to the scheduler, so a proxied
+request, with its four socket operations, takes six trips through trio's run
+loop where two (waiting for the client, waiting for the upstream) are needed.
+Profiled under load those trips, with the stream's context managers, cost more
+CPU than the syscalls themselves.
+
+:class:`FastSocketStream` keeps trio's contract where it matters:
+
+* every call is a cancellation point (``checkpoint_if_cancelled`` first);
+* a call that cannot complete waits with ``wait_readable``/``wait_writable``,
+  which are schedule points and cancellation points;
+* a call that completes at once still yields every :data:`YIELD_EVERY` such
+  calls in a row, so a connection whose peers are always ready cannot starve
+  the others;
+* errors are trio's stream errors (``BrokenResourceError``, ``ClosedResourceError``,
+  ``BusyResourceError`` for two tasks sending or receiving at once).
+
+It owns a stdlib socket taken over from a ``trio.SocketStream`` (see
+:meth:`FastSocketStream.adopt`), which keeps the options trio set on it
+(``TCP_NODELAY``).
+"""
+
+from __future__ import annotations
+
+import errno
+import socket
+
+import trio
+from trio.lowlevel import (
+    cancel_shielded_checkpoint,
+    checkpoint,
+    checkpoint_if_cancelled,
+    notify_closing,
+    wait_readable,
+    wait_writable,
+)
+
+#: Calls that complete without waiting before one yields anyway.
+YIELD_EVERY = 16
+DEFAULT_RECEIVE_SIZE = 65536
+
+_CLOSED_ERRNOS = frozenset({errno.EBADF, errno.ENOTSOCK})
+
+# Calls completed in a row, across all streams, since the last one that waited
+# or yielded. Tasks that wait reset it; a task that never waits meets the limit.
+_unyielded = 0
+
+
+async def _after_ready_call() -> None:
+    global _unyielded
+    _unyielded += 1
+    if _unyielded >= YIELD_EVERY:
+        _unyielded = 0
+        await cancel_shielded_checkpoint()
+
+
+def _stream_error(exc: OSError) -> trio.BrokenResourceError | trio.ClosedResourceError:
+    if exc.errno in _CLOSED_ERRNOS:
+        return trio.ClosedResourceError("this socket was already closed")
+    return trio.BrokenResourceError(f"socket connection broken: {exc}")
+
+
+class FastSocketStream(trio.abc.HalfCloseableStream):
+    """A connected TCP socket as a trio stream. See the module docstring."""
+
+    __slots__ = ("_receiving", "_sending", "_shut_wr", "socket")
+
+    def __init__(self, sock: socket.socket) -> None:
+        sock.setblocking(False)
+        #: The stdlib socket (``getpeername``, ``fileno``); do not read or write it.
+        self.socket = sock
+        self._sending = False
+        self._receiving = False
+        self._shut_wr = False
+
+    @classmethod
+    def adopt(cls, stream: trio.SocketStream) -> FastSocketStream:
+        """Take over the socket of ``stream``, which must not be used afterwards."""
+        return cls(socket.socket(fileno=stream.socket.detach()))
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        global _unyielded
+        if self._receiving:
+            raise trio.BusyResourceError("another task is receiving on this stream")
+        if max_bytes is None:
+            size = DEFAULT_RECEIVE_SIZE
+        elif max_bytes < 1:
+            raise ValueError("max_bytes must be >= 1")
+        else:
+            size = max_bytes
+        await checkpoint_if_cancelled()
+        sock = self.socket
+        try:
+            data = sock.recv(size)
+        except BlockingIOError:
+            pass
+        except OSError as exc:
+            raise _stream_error(exc) from exc
+        else:
+            await _after_ready_call()
+            return data
+        self._receiving = True
+        try:
+            while True:
+                await wait_readable(sock)
+                _unyielded = 0
+                try:
+                    return sock.recv(size)
+                except BlockingIOError:
+                    continue
+                except OSError as exc:
+                    raise _stream_error(exc) from exc
+        finally:
+            self._receiving = False
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        global _unyielded
+        if self._sending:
+            raise trio.BusyResourceError("another task is sending on this stream")
+        if self._shut_wr:
+            raise trio.ClosedResourceError("can't send data after sending EOF")
+        await checkpoint_if_cancelled()
+        sock = self.socket
+        size = len(data)
+        try:
+            sent = sock.send(data) if size else 0
+        except BlockingIOError:
+            sent = 0
+        except OSError as exc:
+            raise _stream_error(exc) from exc
+        if sent == size:
+            if size == 0 and sock.fileno() == -1:
+                raise trio.ClosedResourceError("socket was already closed")
+            await _after_ready_call()
+            return
+        self._sending = True
+        try:
+            with memoryview(data) as view:
+                while sent < size:
+                    await wait_writable(sock)
+                    _unyielded = 0
+                    try:
+                        sent += sock.send(view[sent:])
+                    except BlockingIOError:
+                        continue
+                    except OSError as exc:
+                        raise _stream_error(exc) from exc
+        finally:
+            self._sending = False
+
+    async def wait_send_all_might_not_block(self) -> None:
+        if self._sending:
+            raise trio.BusyResourceError("another task is sending on this stream")
+        if self.socket.fileno() == -1:
+            raise trio.ClosedResourceError
+        self._sending = True
+        try:
+            await wait_writable(self.socket)
+        except OSError as exc:
+            raise _stream_error(exc) from exc
+        finally:
+            self._sending = False
+
+    async def send_eof(self) -> None:
+        if self._sending:
+            raise trio.BusyResourceError("another task is sending on this stream")
+        await checkpoint()
+        if self._shut_wr:
+            return
+        self._shut_wr = True
+        try:
+            self.socket.shutdown(socket.SHUT_WR)
+        except OSError as exc:
+            raise _stream_error(exc) from exc
+
+    async def aclose(self) -> None:
+        sock = self.socket
+        if sock.fileno() != -1:
+            # Wakes any task waiting on it with ClosedResourceError.
+            notify_closing(sock)
+            sock.close()
+        await checkpoint()
+
+
+def socket_of(stream: trio.abc.Stream) -> socket.socket | trio.socket.SocketType | None:
+    """The socket under ``stream`` (through TLS), or None for other streams."""
+    if isinstance(stream, trio.SSLStream):
+        stream = stream.transport_stream
+    if isinstance(stream, (FastSocketStream, trio.SocketStream)):
+        return stream.socket
+    return None
