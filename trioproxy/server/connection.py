@@ -19,6 +19,7 @@ Resource handling: ``serve`` owns the stream and closes it on every path.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Callable
 
@@ -84,14 +85,14 @@ class ServerState:
         self.scheme = scheme
         self.protocol_factory = protocol_factory
         self.draining = False
-        self._idle: set[trio.CancelScope] = set()
+        self._idle: set[ClientConnection] = set()
         self.open_connections = 0
 
     def drain(self) -> None:
         """Stop keep-alive: idle connections close now, busy ones after their response."""
         self.draining = True
-        for scope in self._idle:
-            scope.cancel()
+        for connection in self._idle:
+            connection._waiting.cancel()
 
 
 class ClientConnection:
@@ -104,73 +105,90 @@ class ClientConnection:
         self._response_started = False
         self._body_received = 0
         self._request: RequestHead | None = None
+        self._waiting = trio.CancelScope()
+        self._in_head = False
 
     # --- the loop -----------------------------------------------------------
 
     async def serve(self) -> None:
-        self.state.open_connections += 1
+        state = self.state
+        state.open_connections += 1
+        # One cancel scope for the connection's life instead of one per request:
+        # while a head is awaited its deadline is the keep-alive or header
+        # timeout, while a request is handled it is lifted.
+        waiting = self._waiting
         try:
-            first = True
-            while True:
-                head = await self._next_request(first)
-                if head is None:
-                    break
-                first = False
-                if not await self._handle(head):
-                    break
-                self.protocol.start_next_cycle()
+            with waiting:
+                first = True
+                while True:
+                    head = await self._next_request(first)
+                    if head is None:
+                        break
+                    first = False
+                    if not await self._handle(head):
+                        break
+                    self.protocol.start_next_cycle()
+            if waiting.cancel_called and self._in_head:
+                # Timed out in the middle of a head (slowloris): say so, then close.
+                timeout = ClientTimeout("request head not complete in time")
+                await self._answer_error(timeout, close=True)
         finally:
-            self.state.open_connections -= 1
+            state._idle.discard(self)
+            state.open_connections -= 1
             await trio.aclose_forcefully(self.stream)
 
     async def _next_request(self, first: bool) -> RequestHead | None:
         """The next request head, or None when the connection should just close.
 
         The keep-alive timeout runs while the connection is idle; from the first
-        byte of a head, the header timeout (against slowloris) runs instead.
+        byte of a head, the header timeout (against slowloris) runs instead. A
+        timeout cancels ``self._waiting``, which ends the connection; ``serve``
+        then answers 408 if a head had begun.
         """
         protocol = self.protocol
-        idle = not first and protocol.buffered == 0
-        if protocol.buffered == 0 and self.state.draining:
-            return None
-        scope = trio.CancelScope()
-        scope.deadline = trio.current_time() + (
-            self.state.keepalive_timeout if idle else self.state.header_timeout
-        )
-        partial = protocol.buffered > 0
-        if not partial:
+        state = self.state
+        waiting = self._waiting
+        self._in_head = in_head = protocol.buffered > 0
+        if not in_head:
+            if state.draining:
+                return None
             # Nothing of a request yet: drain may close it at once.
-            self.state._idle.add(scope)
+            state._idle.add(self)
+        idle = not first and not in_head
+        waiting.deadline = trio.current_time() + (
+            state.keepalive_timeout if idle else state.header_timeout
+        )
         try:
-            with scope:
-                while True:
-                    try:
-                        event = protocol.next_event()
-                    except ProtocolError as exc:
-                        await self._answer_error(exc, close=True)
-                        return None
-                    if event is NEED_DATA:
-                        data = await self._receive()
-                        if data and not partial:
-                            partial = True
-                            self.state._idle.discard(scope)
-                            if idle:
-                                scope.deadline = trio.current_time() + self.state.header_timeout
-                        protocol.receive_data(data)
-                        continue
-                    if type(event) is RequestHead:
-                        return await self._admit(event)
-                    if type(event) is ConnectionClosed or event is PAUSED:
-                        return None
-                    raise AssertionError(f"unexpected {event!r} before a request head")
+            while True:
+                try:
+                    event = protocol.next_event()
+                except ProtocolError as exc:
+                    self._in_head = False
+                    await self._answer_error(exc, close=True)
+                    return None
+                if event is NEED_DATA:
+                    data = await self._receive()
+                    if data and not in_head:
+                        self._in_head = in_head = True
+                        state._idle.discard(self)
+                        if idle:
+                            waiting.deadline = trio.current_time() + state.header_timeout
+                    protocol.receive_data(data)
+                    continue
+                if type(event) is RequestHead:
+                    waiting.deadline = math.inf
+                    if waiting.cancel_called:
+                        return None  # complete, but after its deadline: 408
+                    self._in_head = False
+                    return await self._admit(event)
+                if type(event) is ConnectionClosed or event is PAUSED:
+                    return None
+                raise AssertionError(f"unexpected {event!r} before a request head")
         except ClientDisconnected:
+            self._in_head = False
             return None
         finally:
-            self.state._idle.discard(scope)
-        if partial:
-            # Timed out in the middle of a head (slowloris): say so, then close.
-            await self._answer_error(ClientTimeout("request head not complete in time"), close=True)
-        return None
+            state._idle.discard(self)
 
     async def _admit(self, head: RequestHead) -> RequestHead | None:
         """Refuse request-targets a reverse proxy must not pass on (RFC 9112 §3.2)."""
