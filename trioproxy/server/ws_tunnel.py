@@ -64,6 +64,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from typing import Final
 
 import attrs
@@ -113,8 +114,10 @@ class _Side:
     __slots__ = (
         "broken",
         "bytes_in",
+        "drained",
         "early",
         "eof",
+        "fd",
         "is_client",
         "name",
         "out",
@@ -132,6 +135,10 @@ class _Side:
     ) -> None:
         self.name = name
         self.stream = stream
+        # A plain TCP connection is read and written through its descriptor
+        # (see ``_read``); -1 for other streams (TLS, memory).
+        self.fd = stream.socket.fileno() if isinstance(stream, trio.SocketStream) else -1
+        self.drained = True  # the last read emptied the socket's buffer
         self.is_client = name == "client"
         # A client's frames are masked; ours to the upstream must be (RFC 6455 §5.3).
         self.reader = FrameReader(masked=self.is_client, max_message_size=max_message_size)
@@ -149,14 +156,49 @@ class _Side:
 
     async def receive(self) -> bytes | bytearray:
         """The next bytes; ``b""`` once the peer closed or reset the connection."""
+        data: bytes | bytearray
         try:
-            data = await self.stream.receive_some(READ_SIZE)
+            if self.fd >= 0:
+                data = await self._read()
+            else:
+                data = await self.stream.receive_some(READ_SIZE)
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
             self.broken = True
             data = b""
         if not data:
             self.eof = True
         return data
+
+    async def _read(self) -> bytes:
+        """``receive_some`` on the socket's descriptor, as trio's ``FdStream`` reads a pipe.
+
+        For a small frame, ``SocketStream`` and the trio socket under it (a
+        conflict detector, error translation and two checkpoints, each a
+        context manager) cost as much as the syscalls. Only this side's pump
+        reads it; OSError is the caller's to catch.
+        """
+        if self.drained:
+            # It had nothing more last time: wait rather than fail a read first.
+            await trio.lowlevel.wait_readable(self.fd)
+        else:
+            await trio.lowlevel.checkpoint()
+        while True:
+            try:
+                data = os.read(self.fd, READ_SIZE)
+            except BlockingIOError:
+                await trio.lowlevel.wait_readable(self.fd)
+                continue
+            self.drained = len(data) < READ_SIZE
+            return data
+
+    async def _write(self, data: bytes) -> None:
+        """``send_all`` on the socket's descriptor (one task at a time writes a side)."""
+        view = memoryview(data)
+        while view:
+            try:
+                view = view[os.write(self.fd, view) :]
+            except BlockingIOError:
+                await trio.lowlevel.wait_writable(self.fd)
 
     @property
     def parser_failed(self) -> bool:
@@ -186,7 +228,10 @@ class _Side:
         # frame on the wire, after which nothing else may be sent.
         self.broken = True
         try:
-            await self.stream.send_all(data)
+            if self.fd >= 0:
+                await self._write(data)
+            else:
+                await self.stream.send_all(data)
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
             raise _Gone(self) from None
         self.broken = False
