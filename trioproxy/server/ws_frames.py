@@ -9,7 +9,9 @@ thing on both, and:
   whose frames must be masked too: the client's frames go on byte for byte,
   with the client's masking key. The upstream's frames are not masked and go
   to the client as they are. A read that holds whole frames costs no copy of
-  their payloads.
+  their payloads. (The key is the client's choice, as behind nginx, which
+  passes the bytes on unread: masking guards against scripts in a browser,
+  which never see the key, §10.3.)
 * A frame whose payload spans reads goes on in pieces, each a frame of its own
   (§5.4 lets an intermediary refragment when no extension is negotiated), so
   that each write ends on a frame boundary and a close frame can always follow.
