@@ -15,31 +15,10 @@ import trio
 import trio_websocket
 from e2e.test_websocket import NO_HEALTH, RawClient, Seen, ws_server
 from fixtures import run_proxy
+from frames import frame
 from wsproto.events import BytesMessage, CloseConnection, Pong, TextMessage
 
 pytestmark = pytest.mark.timeout(30)
-
-KEY = b"\x9c\x01\x7e\x42"
-
-
-def frame(
-    opcode: int, payload: bytes, *, fin: bool = True, key: bytes | None = KEY, rsv: int = 0
-) -> bytes:
-    """A client frame, masked with ``key`` unless it is None."""
-    first = (0x80 if fin else 0) | rsv | opcode
-    mask_bit = 0x80 if key is not None else 0
-    n = len(payload)
-    if n < 126:
-        head = bytes((first, mask_bit | n))
-    elif n < 65536:
-        head = struct.pack("!BBH", first, mask_bit | 126, n)
-    else:
-        head = struct.pack("!BBQ", first, mask_bit | 127, n)
-    if key is None:
-        return head + payload
-    repeated = (key * (n // 4 + 1))[:n]
-    masked = (int.from_bytes(payload, "big") ^ int.from_bytes(repeated, "big")).to_bytes(n, "big")
-    return head + key + masked
 
 
 async def echo_of(client: RawClient) -> bytes | str:

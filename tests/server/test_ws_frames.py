@@ -11,30 +11,11 @@ import os
 import struct
 
 import pytest
+from frames import KEY, frame
 from wsproto.connection import Connection, ConnectionType
 from wsproto.events import BytesMessage, CloseConnection, Message, Ping, TextMessage
 
 from trioproxy.server.ws_frames import Close, FrameReader
-
-KEY = b"\x37\xfa\x21\x3d"
-
-
-def frame(
-    opcode: int, payload: bytes, *, fin: bool = True, key: bytes | None = KEY, rsv: int = 0
-) -> bytes:
-    """A frame, masked with ``key`` unless it is None."""
-    first = (0x80 if fin else 0) | rsv | opcode
-    mask_bit = 0x80 if key is not None else 0
-    n = len(payload)
-    if n < 126:
-        head = bytes((first, mask_bit | n))
-    elif n < 65536:
-        head = struct.pack("!BBH", first, mask_bit | 126, n)
-    else:
-        head = struct.pack("!BBQ", first, mask_bit | 127, n)
-    if key is None:
-        return head + payload
-    return head + key + bytes(b ^ key[i % 4] for i, b in enumerate(payload))
 
 
 def decoded(data: bytes, *, masked: bool = True) -> list[object]:
