@@ -153,9 +153,9 @@ def wire(
     proxy_upstream_end, upstream_end = pair()
     tunnel = Tunnel(
         proxy_client_end,
-        Connection(ConnectionType.SERVER, trailing_data=client_early),
         proxy_upstream_end,
-        Connection(ConnectionType.CLIENT, trailing_data=upstream_early),
+        client_early=client_early,
+        upstream_early=upstream_early,
         max_message_size=max_message_size,
         idle_timeout=idle_timeout,
     )

@@ -2,10 +2,11 @@
 
 The proxy ends the WebSocket protocol on each of its sides (RFC 6455 §1.3,
 §4): it answers the client's opening handshake with its own key and opens its
-own WebSocket to the upstream, then relays messages between two wsproto
-connections. That costs a parse of every frame, and buys what a byte pipe
-cannot give: limits on message size, close codes that say which side did
-what, and one place to enforce RFC 6455 against both peers.
+own WebSocket to the upstream, then relays frames between the two. It reads
+every frame header (and the payloads of text and close frames), which buys
+what a byte pipe cannot give: limits on message size, close codes that say
+which side did what, and one place to enforce RFC 6455 against both peers;
+payloads otherwise pass as they came.
 
 Opening (deferred negotiation)::
 
@@ -36,7 +37,6 @@ from typing import Any, Protocol
 
 import attrs
 import trio
-from wsproto.connection import Connection, ConnectionType
 from wsproto.utilities import generate_accept_token
 
 from trioproxy.balance.target import Target
@@ -310,9 +310,9 @@ async def serve_websocket(
         early = downstream.protocol.trailing_data()  # frames sent before our 101
         tunnel = Tunnel(
             downstream.stream,
-            Connection(ConnectionType.SERVER, trailing_data=early),
             upstream.stream,
-            answer.connection,
+            client_early=early,
+            upstream_early=answer.trailing_data,
             max_message_size=settings.max_message_size,
             idle_timeout=settings.idle_timeout,
         )

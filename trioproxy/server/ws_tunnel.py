@@ -1,21 +1,23 @@
-"""The WebSocket tunnel: two wsproto connections, one task per direction.
+"""The WebSocket tunnel: a frame relay, one task per direction.
 
 The tunnel runs one task per direction in one nursery. A task reads from its
-side, feeds that side's wsproto connection and writes each event to the other
-side before it reads again, so a slow reader slows the writer down through
-the TCP windows and the proxy holds at most one read (64 KiB) and one frame
-per direction: there is no queue to grow.
+side, reads the frame headers in those bytes (:mod:`~trioproxy.server.ws_frames`)
+and writes what they hold to the other side before it reads again, so a slow
+reader slows the writer down through the TCP windows and the proxy holds at
+most one read (64 KiB) per direction: there is no queue to grow.
 
-* Data frames are forwarded as they arrive: a message is never reassembled;
-  what of it came in one read goes on as one frame (a large frame is split,
-  a run of tiny fragments is joined), in one write; text stays UTF-8-checked
-  (wsproto decodes it incrementally, and a message that is not UTF-8 fails
-  with 1007, as an endpoint must).
-* Ping and pong frames pass through with their payloads: a client's ping is
+* Data frames are forwarded as they arrive, byte for byte when a read holds
+  them whole (a client's masked frames go to the upstream with the client's
+  key): a message is never reassembled; what of it came in one read goes on
+  as one frame (a frame split across reads goes in pieces, a run of tiny
+  fragments is joined), in one write; text stays UTF-8-checked (incrementally,
+  and a message that is not UTF-8 fails with 1007, as an endpoint must).
+* Ping and pong frames pass through as they came: a client's ping is
   answered by the upstream, so it measures the whole path, and the
   upstream's pings reach the client. Neither is answered by the proxy.
-* A message over ``max_message_size`` fails with 1009 (RFC 6455 §7.4.1);
-  its first part may have reached the other side already.
+* A message over ``max_message_size`` fails with 1009 (RFC 6455 §7.4.1) as
+  soon as a frame header says so; its first frames may have reached the
+  other side already.
 * The idle timeout (off by default) ends a tunnel in which no byte arrived
   from either side for that long.
 
@@ -62,20 +64,21 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from typing import Final
 
 import attrs
 import trio
-from wsproto.connection import Connection, ConnectionState
-from wsproto.events import (
-    BytesMessage,
-    CloseConnection,
-    Event,
-    Ping,
-    Pong,
-    TextMessage,
+
+from trioproxy.server.ws_frames import (
+    MESSAGE_TOO_BIG,
+    Close,
+    CloseState,
+    FrameReader,
+    after_receiving_close,
+    after_sending_close,
+    close_frame,
 )
-from wsproto.frame_protocol import CloseReason
 
 log = logging.getLogger("trioproxy.websocket")
 
@@ -87,6 +90,8 @@ CLOSE_TIMEOUT = 5.0
 CLOSE_REPLY_TIMEOUT = 1.0
 
 _CloseFrame = tuple[int, str]
+GOING_AWAY: Final = 1001
+INTERNAL_ERROR: Final = 1011
 
 
 # --- the tunnel -------------------------------------------------------------------------
@@ -99,42 +104,51 @@ class _Gone(Exception):
         self.side = side
 
 
-_RELAYING = (ConnectionState.OPEN, ConnectionState.LOCAL_CLOSING)
-_ANSWERABLE = (ConnectionState.OPEN, ConnectionState.REMOTE_CLOSING)
+_RELAYING = (CloseState.OPEN, CloseState.LOCAL_CLOSING)
+_ANSWERABLE = (CloseState.OPEN, CloseState.REMOTE_CLOSING)
 
 
 class _Side:
-    """One peer of the tunnel: its stream and its wsproto connection."""
+    """One peer of the tunnel: its stream, its frame reader and its closing state."""
 
     __slots__ = (
         "broken",
         "bytes_in",
+        "drained",
+        "early",
         "eof",
-        "message_size",
-        "messages_in",
+        "fd",
+        "is_client",
         "name",
         "out",
         "owed_close",
-        "parser_failed",
         "pump_scope",
+        "reader",
         "reading",
         "received_close",
+        "state",
         "stream",
-        "ws",
     )
 
-    def __init__(self, name: str, stream: trio.abc.Stream, ws: Connection) -> None:
+    def __init__(
+        self, name: str, stream: trio.abc.Stream, early: bytes, *, max_message_size: int
+    ) -> None:
         self.name = name
         self.stream = stream
-        self.ws = ws
+        # A plain TCP connection is read and written through its descriptor
+        # (see ``_read``); -1 for other streams (TLS, memory).
+        self.fd = stream.socket.fileno() if isinstance(stream, trio.SocketStream) else -1
+        self.drained = True  # the last read emptied the socket's buffer
+        self.is_client = name == "client"
+        # A client's frames are masked; ours to the upstream must be (RFC 6455 §5.3).
+        self.reader = FrameReader(masked=self.is_client, max_message_size=max_message_size)
+        self.early = early  # bytes that came with the handshake, read first
+        self.state = CloseState.OPEN
         self.eof = False  # nothing more will be read
         self.broken = False  # nothing more can be written (a write failed or was cut)
-        self.parser_failed = False  # wsproto refused its bytes: its frames are not read
         self.received_close: _CloseFrame | None = None
         #: It broke the protocol or a limit: the close it gets once the other side answered.
         self.owed_close: _CloseFrame | None = None
-        self.message_size = 0  # bytes of the message being received so far
-        self.messages_in = 0
         self.bytes_in = 0
         self.pump_scope: trio.CancelScope | None = None  # the task reading this side
         self.out: list[bytes] = []  # framed, not yet written
@@ -142,8 +156,12 @@ class _Side:
 
     async def receive(self) -> bytes | bytearray:
         """The next bytes; ``b""`` once the peer closed or reset the connection."""
+        data: bytes | bytearray
         try:
-            data = await self.stream.receive_some(READ_SIZE)
+            if self.fd >= 0:
+                data = await self._read()
+            else:
+                data = await self.stream.receive_some(READ_SIZE)
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
             self.broken = True
             data = b""
@@ -151,12 +169,50 @@ class _Side:
             self.eof = True
         return data
 
-    def queue(self, event: Event) -> None:
-        """Frame ``event`` for the next ``flush`` (wsproto's state moves now)."""
-        self.out.append(self.ws.send(event))
+    async def _read(self) -> bytes:
+        """``receive_some`` on the socket's descriptor, as trio's ``FdStream`` reads a pipe.
+
+        For a small frame, ``SocketStream`` and the trio socket under it (a
+        conflict detector, error translation and two checkpoints, each a
+        context manager) cost as much as the syscalls. Only this side's pump
+        reads it; OSError is the caller's to catch.
+        """
+        if self.drained:
+            # It had nothing more last time: wait rather than fail a read first.
+            await trio.lowlevel.wait_readable(self.fd)
+        else:
+            await trio.lowlevel.checkpoint()
+        while True:
+            try:
+                data = os.read(self.fd, READ_SIZE)
+            except BlockingIOError:
+                await trio.lowlevel.wait_readable(self.fd)
+                continue
+            self.drained = len(data) < READ_SIZE
+            return data
+
+    async def _write(self, data: bytes) -> None:
+        """``send_all`` on the socket's descriptor (one task at a time writes a side)."""
+        view = memoryview(data)
+        while view:
+            try:
+                view = view[os.write(self.fd, view) :]
+            except BlockingIOError:
+                await trio.lowlevel.wait_writable(self.fd)
+
+    @property
+    def parser_failed(self) -> bool:
+        """It broke RFC 6455: its frames are not read any more."""
+        return self.reader.error is not None
+
+    def received(self, close: Close) -> None:
+        self.state = after_receiving_close(self.state)
+        self.received_close = (close.code, close.reason)
 
     def queue_close(self, frame: _CloseFrame) -> None:
-        self.queue(CloseConnection(code=frame[0], reason=frame[1]))
+        """A close frame for the next ``flush`` (the state moves now)."""
+        self.state = after_sending_close(self.state)
+        self.out.append(close_frame(frame[0], frame[1], masked=not self.is_client))
 
     async def flush(self) -> None:
         """Write what was queued, in one write.
@@ -172,7 +228,10 @@ class _Side:
         # frame on the wire, after which nothing else may be sent.
         self.broken = True
         try:
-            await self.stream.send_all(data)
+            if self.fd >= 0:
+                await self._write(data)
+            else:
+                await self.stream.send_all(data)
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
             raise _Gone(self) from None
         self.broken = False
@@ -185,21 +244,26 @@ class _Side:
 @attrs.frozen
 class _Ending:
     note: str
-    to_client: _CloseFrame = (CloseReason.GOING_AWAY, "going away")
-    to_upstream: _CloseFrame = (CloseReason.GOING_AWAY, "going away")
+    to_client: _CloseFrame = (GOING_AWAY, "going away")
+    to_upstream: _CloseFrame = (GOING_AWAY, "going away")
 
 
 _SHUTDOWN: Final = _Ending("proxy shutting down")
 _IDLE: Final = _Ending(
     "idle timeout",
-    to_client=(CloseReason.GOING_AWAY, "idle timeout"),
-    to_upstream=(CloseReason.GOING_AWAY, "idle timeout"),
+    to_client=(GOING_AWAY, "idle timeout"),
+    to_upstream=(GOING_AWAY, "idle timeout"),
 )
 _CLOSE_TIMED_OUT: Final = _Ending("close handshake timed out")
 
 
 class Tunnel:
     """Relays one WebSocket between a client and an upstream (see the module docstring).
+
+    Args:
+        client_stream, upstream_stream: the two connections, handshakes done.
+        client_early, upstream_early: what each sent after its handshake, in
+            the same read (relayed first).
 
     Resource handling: the streams belong to the caller, who closes them after
     ``run`` returns; ``run`` sends what close frames are owed first.
@@ -208,15 +272,16 @@ class Tunnel:
     def __init__(
         self,
         client_stream: trio.abc.Stream,
-        client_ws: Connection,
         upstream_stream: trio.abc.Stream,
-        upstream_ws: Connection,
         *,
+        client_early: bytes = b"",
+        upstream_early: bytes = b"",
         max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
         idle_timeout: float | None = None,
     ) -> None:
-        self.client = _Side("client", client_stream, client_ws)
-        self.upstream = _Side("upstream", upstream_stream, upstream_ws)
+        limit = max_message_size
+        self.client = _Side("client", client_stream, client_early, max_message_size=limit)
+        self.upstream = _Side("upstream", upstream_stream, upstream_early, max_message_size=limit)
         self.max_message_size = max_message_size
         self.idle_timeout = idle_timeout
         self.ending: _Ending | None = None
@@ -282,9 +347,11 @@ class Tunnel:
                 self._end(self._went_away(exc.side))
 
     async def _relay(self, src: _Side, dst: _Side) -> None:
-        """Forward ``src``'s events to ``dst`` until ``src`` has nothing more to say."""
+        """Forward ``src``'s frames to ``dst`` until ``src`` has nothing more to say."""
         # What arrived with the handshake (trailing data) comes first.
-        await self._forward_events(src, dst)
+        if src.early:
+            src.bytes_in += len(src.early)
+            await self._forward(src.early, src, dst)
         while self.ending is None and src.owed_close is None:
             src.reading = True
             try:
@@ -292,79 +359,44 @@ class Tunnel:
             finally:
                 src.reading = False
             if not data:
-                if src.ws.state in _RELAYING:  # no close frame came first
+                if src.state in _RELAYING:  # no close frame came first
                     self._end(self._went_away(src))
                 return  # after its close frame: the other direction finishes
             self._touch()
             src.bytes_in += len(data)
-            if src.ws.state not in _RELAYING:
+            if src.state not in _RELAYING:
                 continue  # after its close frame, the rest is ignored (RFC 6455 §1.4)
-            src.ws.receive_data(bytes(data))
-            await self._forward_events(src, dst)
+            await self._forward(data, src, dst)
 
-    async def _forward_events(self, src: _Side, dst: _Side) -> None:
-        """Forward what ``src`` said in the bytes fed last, in one write to ``dst``.
+    async def _forward(self, data: bytes | bytearray, src: _Side, dst: _Side) -> None:
+        """Forward the frames in ``data``, read from ``src``, in one write to ``dst``.
 
-        One write per read keeps memory to one read's worth, and the pieces
-        of one message that arrived together go as one frame: a message sent
-        in many tiny fragments costs the proxy one frame per read, not one
-        per fragment.
+        One write per read keeps memory to one read's worth.
         """
-        message: list[str | bytes | bytearray] = []  # pieces of a message not yet queued
-        kind: type[TextMessage] | type[BytesMessage] = BytesMessage
-        for event in src.ws.events():
+        for item in src.reader.feed(data):
             if self.ending is not None or src.owed_close is not None:
                 break
-            if isinstance(event, (TextMessage, BytesMessage)):
-                if not self._admit(event, src):
-                    message.clear()  # over the limit: dst was sent a close instead
-                    break
-                if dst.ws.state is not ConnectionState.OPEN:
-                    continue  # dst sent its close frame: no more data (RFC 6455 §5.5.1)
-                message.append(event.data)
-                kind = type(event)
-                if event.message_finished:
-                    _queue_data(dst, kind, message, finished=True)
-                continue
-            _queue_data(dst, kind, message, finished=False)
-            if isinstance(event, CloseConnection):
-                self._forward_close(event, src, dst)
-            elif isinstance(event, (Ping, Pong)) and dst.ws.state is ConnectionState.OPEN:
-                dst.queue(type(event)(payload=event.payload))
-        _queue_data(dst, kind, message, finished=False)
+            if isinstance(item, Close):
+                self._forward_close(item, src, dst)
+            elif dst.state is CloseState.OPEN:
+                # Once dst sent its close frame it gets no more data (RFC 6455 §5.5.1).
+                dst.out.append(item)
+        error = src.reader.error
+        if error is not None and self.ending is None and src.owed_close is None:
+            # src broke RFC 6455 or the limit (§7.1.7): its frames are read no more.
+            self._fail(src, (error.code, error.reason))
         await dst.flush()
 
-    def _admit(self, event: TextMessage | BytesMessage, src: _Side) -> bool:
-        """Count a piece of ``src``'s message; False (and fail src) past the limit."""
-        data = event.data
-        if isinstance(data, str):
-            # str.isascii() is O(1): the UTF-8 length is only counted when it differs.
-            size = len(data) if data.isascii() else len(data.encode("utf-8"))
-        else:
-            size = len(data)
-        src.message_size += size
-        if src.message_size > self.max_message_size:
-            self._fail(src, (CloseReason.MESSAGE_TOO_BIG, "message too big"))
-            return False
-        if event.message_finished:
-            src.message_size = 0
-            src.messages_in += 1
-        return True
-
-    def _forward_close(self, event: CloseConnection, src: _Side, dst: _Side) -> None:
-        if src.ws.state in _RELAYING:
-            # Not a close frame: wsproto refused src's bytes (RFC 6455 §7.1.7).
-            src.parser_failed = True
-            self._fail(src, (event.code, event.reason or ""))
-            return
-        src.received_close = (event.code, event.reason or "")
+    def _forward_close(self, close: Close, src: _Side, dst: _Side) -> None:
+        src.received(close)
         if self._first_close is None:
-            self._first_close = f"closed by {src.name}: {event.code} {event.reason or ''}"
-        if dst.ws.state in _ANSWERABLE:
+            self._first_close = f"closed by {src.name}: {close.code} {close.reason}"
+        if dst.state in _ANSWERABLE:
             # A side that broke the rules gets its own code, now that src answered.
+            assert src.received_close is not None
             dst.queue_close(dst.owed_close or src.received_close)
         if self._failure is not None or (
-            src.ws.state is ConnectionState.CLOSED and dst.ws.state is ConnectionState.CLOSED
+            src.state is CloseState.CLOSED and dst.state is CloseState.CLOSED
         ):
             self._end(_Ending(self._first_close.rstrip()))
             return
@@ -379,21 +411,20 @@ class Tunnel:
         good message still reaches it); then the culprit gets ``frame``.
         """
         culprit.owed_close = frame
-        what = "message over the limit" if frame[0] == 1009 else f"broke the protocol ({frame[0]})"
+        what = (
+            "message over the limit"
+            if frame[0] == MESSAGE_TOO_BIG
+            else f"broke the protocol ({frame[0]})"
+        )
         if culprit is self.client:
             other = self.upstream
-            to_other: _CloseFrame = (
-                CloseReason.GOING_AWAY,
-                f"client {_SHORT.get(frame[0], 'error')}",
-            )
+            to_other: _CloseFrame = (GOING_AWAY, f"client {_SHORT.get(frame[0], 'error')}")
             self._failure = _Ending(f"client {what}", to_client=frame, to_upstream=to_other)
         else:
             other = self.client
-            to_other = (CloseReason.INTERNAL_ERROR, f"upstream {_SHORT.get(frame[0], 'error')}")
+            to_other = (INTERNAL_ERROR, f"upstream {_SHORT.get(frame[0], 'error')}")
             self._failure = _Ending(f"upstream {what}", to_client=to_other, to_upstream=frame)
-        if culprit.ws.state is not ConnectionState.OPEN or other.ws.state is not (
-            ConnectionState.OPEN
-        ):
+        if culprit.state is not CloseState.OPEN or other.state is not CloseState.OPEN:
             # A close handshake was already under way: nothing to wait for.
             self._end(self._failure)
             return
@@ -415,10 +446,10 @@ class Tunnel:
                 nursery.start_soon(self._close, self.upstream, ending.to_upstream)
 
     async def _close(self, side: _Side, frame: _CloseFrame) -> None:
-        state = side.ws.state
+        state = side.state
         if side.broken or (side.eof and state in _RELAYING):
             return  # gone, or cut mid-frame: only the TCP close is left
-        if state is ConnectionState.REMOTE_CLOSING and side.received_close is not None:
+        if state is CloseState.REMOTE_CLOSING and side.received_close is not None:
             frame = side.received_close  # its own close is answered with its code
         elif side.owed_close is not None:
             frame = side.owed_close
@@ -441,36 +472,14 @@ class Tunnel:
             while await side.receive():
                 pass
             return
-        if side.ws.state is not ConnectionState.LOCAL_CLOSING:
+        if side.state is not CloseState.LOCAL_CLOSING:
             return
         # Its answer to our close, so that our frame is read before the
         # connection closes: closing a socket with unread data sends a reset.
         while data := await side.receive():
-            side.ws.receive_data(bytes(data))
-            if any(isinstance(event, CloseConnection) for event in side.ws.events()):
+            side.reader.feed(data)
+            if side.reader.closed or side.parser_failed:
                 return
 
 
 _SHORT: Final = {1009: "message too big", 1007: "sent invalid UTF-8"}
-
-
-def _queue_data(
-    dst: _Side,
-    kind: type[TextMessage] | type[BytesMessage],
-    pieces: list[str | bytes | bytearray],
-    *,
-    finished: bool,
-) -> None:
-    """Queue the pieces of a message gathered so far as one frame (and forget them)."""
-    if not pieces and not finished:
-        return
-    if kind is TextMessage:
-        text = "".join(pieces)  # type: ignore[arg-type]
-        pieces.clear()
-        if text or finished:  # an empty piece (a partial UTF-8 sequence held back) says nothing
-            dst.queue(TextMessage(data=text, message_finished=finished))
-    else:
-        data = b"".join(pieces)  # type: ignore[arg-type]
-        pieces.clear()
-        if data or finished:
-            dst.queue(BytesMessage(data=data, message_finished=finished))

@@ -23,13 +23,14 @@ end of its block.
 
 from __future__ import annotations
 
+import re
 from collections import deque
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 import attrs
 import trio
-from wsproto.connection import Connection, ConnectionType
+from wsproto.connection import ConnectionType
 from wsproto.events import AcceptConnection, Event, RejectConnection, RejectData, Request
 from wsproto.handshake import H11Handshake
 from wsproto.utilities import RemoteProtocolError
@@ -41,6 +42,7 @@ from trioproxy.upstream.origin import Origin
 from trioproxy.upstream.pool import UpstreamPool
 
 READ_SIZE = 65536
+_BLANK_LINE = re.compile(b"\n\r?\n")
 
 #: Request fields the handshake writes itself; the client's are not forwarded.
 HANDSHAKE_FIELDS = frozenset(
@@ -63,8 +65,8 @@ class Accepted:
     subprotocol: str | None
     #: The other fields of its ``101`` (``Set-Cookie``...), names lowercased.
     headers: Headers
-    #: Client-role WebSocket connection, already fed what followed the ``101``.
-    connection: Connection
+    #: What followed the ``101`` in the same read (the first frames).
+    trailing_data: bytes
 
 
 @attrs.frozen
@@ -85,6 +87,8 @@ class UpstreamWebSocket:
         self._handshake = H11Handshake(ConnectionType.CLIENT)
         self._events: deque[Event] = deque()
         self._eof = False
+        #: What was read before the answer's head was complete, for what follows it.
+        self._head_bytes: bytearray | None = bytearray()
 
     async def handshake(
         self,
@@ -121,15 +125,27 @@ class UpstreamWebSocket:
         while True:
             event = await self._next_event(read_timeout, before_head=True)
             if isinstance(event, AcceptConnection):
-                connection = self._handshake.connection
-                assert connection is not None
-                return Accepted(event.subprotocol, list(event.extra_headers), connection)
+                return Accepted(event.subprotocol, list(event.extra_headers), self._after_head())
             if isinstance(event, RejectConnection):
                 if event.status_code < 200:
                     raise UpstreamProtocolError(
                         f"{self.origin}: {event.status_code} in answer to a WebSocket handshake"
                     )
+                self._head_bytes = None  # a body may follow: not kept
                 return Refused(event.status_code, list(event.headers), event.has_body)
+
+    def _after_head(self) -> bytes:
+        """The bytes that followed the ``101``'s head (the tunnel's first frames).
+
+        The ``101`` is the first and only response on this connection, so its
+        head ends at the first blank line, found as h11 finds it (LF or CRLF).
+        """
+        assert self._head_bytes is not None
+        match = _BLANK_LINE.search(self._head_bytes)
+        assert match is not None, "wsproto accepted a head without its end"
+        after = bytes(self._head_bytes[match.end() :])
+        self._head_bytes = None
+        return after
 
     async def receive_refusal_body(self, read_timeout: float) -> bytes:
         """The next chunk of a refusal's body; ``b""`` at its end.
@@ -160,6 +176,8 @@ class UpstreamWebSocket:
                         raise UpstreamClosed(f"{self.origin} closed the connection")
                     # The end of a body delimited by the connection closing (RFC 9112 §6.3).
                     self._eof = True
+                if self._head_bytes is not None:
+                    self._head_bytes += data
                 try:
                     self._handshake.receive_data(bytes(data) or None)
                 except RemoteProtocolError as exc:
