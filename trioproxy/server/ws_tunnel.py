@@ -79,6 +79,7 @@ from trioproxy.server.ws_frames import (
     after_sending_close,
     close_frame,
 )
+from trioproxy.sockets import FastSocketStream
 
 log = logging.getLogger("trioproxy.websocket")
 
@@ -137,7 +138,8 @@ class _Side:
         self.stream = stream
         # A plain TCP connection is read and written through its descriptor
         # (see ``_read``); -1 for other streams (TLS, memory).
-        self.fd = stream.socket.fileno() if isinstance(stream, trio.SocketStream) else -1
+        plain = stream if isinstance(stream, (FastSocketStream, trio.SocketStream)) else None
+        self.fd = plain.socket.fileno() if plain is not None else -1
         self.drained = True  # the last read emptied the socket's buffer
         self.is_client = name == "client"
         # A client's frames are masked; ours to the upstream must be (RFC 6455 §5.3).
