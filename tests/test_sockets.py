@@ -104,3 +104,20 @@ async def test_adopt_takes_over_a_trio_socket_stream() -> None:
         await client.aclose()
         assert await server.receive_some(10) == b""
         await server.aclose()
+
+
+async def test_receive_nowait_takes_what_is_there_without_waiting() -> None:
+    left, right = await tcp_pair()
+    assert right.receive_nowait(100) is None  # nothing sent yet
+    await left.send_all(b"GET / HTTP/1.1\r\n\r\n")
+    with trio.fail_after(5):
+        while (data := right.receive_nowait(100)) is None:
+            await trio.sleep(0.001)
+    assert data == b"GET / HTTP/1.1\r\n\r\n"
+    await left.send_eof()
+    with trio.fail_after(5):
+        while (data := right.receive_nowait(100)) is None:
+            await trio.sleep(0.001)
+    assert data == b""  # the peer's EOF
+    await left.aclose()
+    await right.aclose()

@@ -116,6 +116,20 @@ class FastSocketStream(trio.abc.HalfCloseableStream):
         finally:
             self._receiving = False
 
+    def receive_nowait(self, max_bytes: int) -> bytes | None:
+        """What the socket holds now, without waiting; ``None`` if nothing yet.
+
+        Not a checkpoint: the caller's next await is. ``b""`` is the peer's EOF.
+        """
+        if self._receiving:
+            raise trio.BusyResourceError("another task is receiving on this stream")
+        try:
+            return self.socket.recv(max_bytes)
+        except BlockingIOError:
+            return None
+        except OSError as exc:
+            raise _stream_error(exc) from exc
+
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
         global _unyielded
         if self._sending:

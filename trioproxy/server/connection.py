@@ -49,7 +49,7 @@ from trioproxy.http.protocol import (
     ServerProtocol,
 )
 from trioproxy.server.websocket import WebSocketSettings, is_websocket_upgrade, serve_websocket
-from trioproxy.sockets import socket_of
+from trioproxy.sockets import FastSocketStream, socket_of
 
 log = logging.getLogger("trioproxy.server")
 access_log = logging.getLogger("trioproxy.access")
@@ -143,21 +143,23 @@ class ClientConnection:
         The keep-alive timeout runs while the connection is idle; from the first
         byte of a head, the header timeout (against slowloris) runs instead. A
         timeout cancels ``self._waiting``, which ends the connection; ``serve``
-        then answers 408 if a head had begun.
+        then answers 408 if a head had begun. The deadline is armed only when
+        the head is not there yet: a busy keep-alive client has usually sent
+        its next request by the time the previous one is answered.
         """
         protocol = self.protocol
         state = self.state
+        in_head = self._in_head = protocol.buffered > 0
+        if not in_head and state.draining:
+            return None
         waiting = self._waiting
-        self._in_head = in_head = protocol.buffered > 0
-        if not in_head:
-            if state.draining:
-                return None
-            # Nothing of a request yet: drain may close it at once.
-            state._idle.add(self)
-        idle = not first and not in_head
-        waiting.deadline = trio.current_time() + (
-            state.keepalive_timeout if idle else state.header_timeout
-        )
+        armed = idle = False
+        data: bytes | bytearray | None
+        if not (first or in_head):
+            # Let the other connections run first: under load, by the time this
+            # one runs again its client has sent the next request, which is then
+            # read without arming a deadline or waiting on the socket.
+            await trio.lowlevel.checkpoint()
         try:
             while True:
                 try:
@@ -167,18 +169,30 @@ class ClientConnection:
                     await self._answer_error(exc, close=True)
                     return None
                 if event is NEED_DATA:
-                    data = await self._receive()
+                    data = self._receive_ready()
+                    if data is None:
+                        if not armed:
+                            armed = True
+                            idle = not (first or in_head)
+                            if not in_head:
+                                state._idle.add(self)  # drain may close it at once
+                            waiting.deadline = trio.current_time() + (
+                                state.keepalive_timeout if idle else state.header_timeout
+                            )
+                        data = await self._receive()
                     if data and not in_head:
-                        self._in_head = in_head = True
-                        state._idle.discard(self)
-                        if idle:
-                            waiting.deadline = trio.current_time() + state.header_timeout
+                        in_head = self._in_head = True
+                        if armed:
+                            state._idle.discard(self)
+                            if idle:
+                                waiting.deadline = trio.current_time() + state.header_timeout
                     protocol.receive_data(data)
                     continue
                 if type(event) is RequestHead:
-                    waiting.deadline = math.inf
-                    if waiting.cancel_called:
-                        return None  # complete, but after its deadline: 408
+                    if armed:
+                        waiting.deadline = math.inf
+                        if waiting.cancel_called:
+                            return None  # complete, but after its deadline: 408
                     self._in_head = False
                     return await self._admit(event)
                 if type(event) is ConnectionClosed or event is PAUSED:
@@ -188,7 +202,8 @@ class ClientConnection:
             self._in_head = False
             return None
         finally:
-            state._idle.discard(self)
+            if armed:
+                state._idle.discard(self)
 
     async def _admit(self, head: RequestHead) -> RequestHead | None:
         """Refuse request-targets a reverse proxy must not pass on (RFC 9112 §3.2)."""
@@ -330,6 +345,16 @@ class ClientConnection:
         await self.send_parts(None, [], True)
 
     # --- I/O, mapped to our errors -------------------------------------------------
+
+    def _receive_ready(self) -> bytes | None:
+        """What the client sent already (no waiting); None if nothing or not a socket."""
+        stream = self.stream
+        if type(stream) is not FastSocketStream:
+            return None
+        try:
+            return stream.receive_nowait(READ_SIZE)
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            raise ClientDisconnected(repr(exc)) from None
 
     async def _receive(self) -> bytes | bytearray:
         try:
