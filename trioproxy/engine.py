@@ -18,6 +18,9 @@ The fast path skips the nursery: a request without a body is sent in one write,
 and a response that arrives whole within ``_FAST_WINDOW`` (100 ms) is answered
 in one write, with no second task and no watch on the client socket (that watch
 costs syscalls; a client that leaves is noticed within the window anyway).
+After sending, the task yields once before it looks for the response: under
+load the other connections' work covers the upstream's latency, and the
+response is then taken as it is, with no timeout scope and no wait.
 
 Retries: an attempt that fails before the upstream saw the request goes to
 another target; an idempotent request with a replayable body (recorded up to
@@ -67,7 +70,15 @@ from trioproxy.http.headers import (
     upstream_request_headers,
     via_entry,
 )
-from trioproxy.http.protocol import NEED_DATA, Body, EndOfMessage, RequestHead, ResponseHead
+from trioproxy.http.protocol import (
+    NEED_DATA,
+    Body,
+    EndOfMessage,
+    Event,
+    RequestHead,
+    ResponseHead,
+    _Sentinel,
+)
 from trioproxy.upstream.connection import UpstreamConnection
 from trioproxy.upstream.origin import Origin
 from trioproxy.upstream.pool import UpstreamPool
@@ -399,10 +410,19 @@ class Engine:
             protocol = conn.protocol
             await conn.send_mapped(protocol.send_head(request) + protocol.send_end())
             sent = True
-            # One scope for both limits when the read timeout is the longer one.
-            inner = None if self.read_timeout > _FAST_WINDOW else self.read_timeout
-            with trio.move_on_after(_FAST_WINDOW):
-                head = await self._read_head(conn, record, retry_status, inner)
+            # Let the other connections run while the upstream answers: under
+            # load its response is here by then, and is taken without a timeout
+            # scope or a wait on the socket.
+            await trio.lowlevel.checkpoint()
+            event = conn.next_event_nowait()
+            if event is not NEED_DATA:
+                head = self._client_head(conn, event, record, retry_status)
+            else:
+                # One scope for both limits when the read timeout is the longer one.
+                inner = None if self.read_timeout > _FAST_WINDOW else self.read_timeout
+                with trio.move_on_after(_FAST_WINDOW):
+                    head = await self._read_head(conn, record, retry_status, inner)
+            if head is not None:
                 chunks, end = _parsed_body(conn, record)
             if end:
                 assert head is not None
@@ -478,7 +498,16 @@ class Engine:
             _DiscardedResponse: a 5xx that will be retried elsewhere (not relayed).
             UpstreamClosed, UpstreamTimeout, UpstreamProtocolError.
         """
-        event = await conn.next_event(read_timeout)
+        return self._client_head(conn, await conn.next_event(read_timeout), record, retry_status)
+
+    def _client_head(
+        self,
+        conn: UpstreamConnection,
+        event: Event | _Sentinel,
+        record: ExchangeLog,
+        retry_status: Callable[[int], bool],
+    ) -> ResponseHead:
+        """The client's response head, made from the upstream's (see ``_read_head``)."""
         if not isinstance(event, ResponseHead):
             raise UpstreamClosed(f"{conn.origin}: expected a response head, got {event!r}")
         record.head_at = trio.current_time()

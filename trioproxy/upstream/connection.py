@@ -19,7 +19,7 @@ from trioproxy.errors import (
     UpstreamTimeout,
 )
 from trioproxy.http.h11_impl import H11Client
-from trioproxy.http.protocol import NEED_DATA, ClientProtocol, Event
+from trioproxy.http.protocol import NEED_DATA, ClientProtocol, Event, _Sentinel
 from trioproxy.sockets import FastSocketStream, socket_of
 from trioproxy.upstream.origin import Origin
 
@@ -111,12 +111,35 @@ class UpstreamConnection:
                 raise UpstreamTimeout(f"{self.origin}: no data for {read_timeout} s")
             return event  # type: ignore[return-value]
 
+    def next_event_nowait(self) -> Event | _Sentinel:
+        """The next response event from what the socket holds now; ``NEED_DATA``
+        if that is not enough. No waiting and no checkpoint.
+
+        Raises:
+            UpstreamClosed, UpstreamProtocolError: as :meth:`next_event`.
+        """
+        protocol = self.protocol
+        event = protocol.next_event()
+        stream = self.stream
+        if event is NEED_DATA and type(stream) is FastSocketStream:
+            try:
+                data = stream.receive_nowait(self._read_size)
+            except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                raise UpstreamClosed(f"reading from {self.origin}: {exc!r}") from None
+            if data is not None:
+                self._took(data, protocol)
+                event = protocol.next_event()
+        return event
+
     async def _receive_into(self, protocol: ClientProtocol) -> None:
-        size = self._read_size
         try:
-            data = await self.stream.receive_some(size)
+            data = await self.stream.receive_some(self._read_size)
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
             raise UpstreamClosed(f"reading from {self.origin}: {exc!r}") from None
+        self._took(data, protocol)
+
+    def _took(self, data: bytes | bytearray, protocol: ClientProtocol) -> None:
+        size = self._read_size
         if len(data) == size:
             if size < MAX_READ_SIZE:
                 self._read_size = size * 2
