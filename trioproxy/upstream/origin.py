@@ -25,13 +25,15 @@ class Origin:
     def tls(self) -> bool:
         return self.scheme == "https"
 
-    @property
-    def host_header(self) -> bytes:
-        """The ``Host`` value for this origin (RFC 9110 §7.2): port omitted when default."""
+    #: The ``Host`` value for this origin (RFC 9110 §7.2): port omitted when
+    #: default. Made once: it goes into every request.
+    host_header: bytes = attrs.field(init=False, eq=False, repr=False)
+
+    def __attrs_post_init__(self) -> None:
         host = f"[{self.host}]" if ":" in self.host else self.host
-        if self.port == _DEFAULT_PORTS[self.scheme]:
-            return host.encode("ascii")
-        return f"{host}:{self.port}".encode("ascii")
+        if self.port != _DEFAULT_PORTS[self.scheme]:
+            host = f"{host}:{self.port}"
+        object.__setattr__(self, "host_header", host.encode("ascii"))
 
     def __str__(self) -> str:
         return f"{self.scheme}://{self.host_header.decode('ascii')}"
