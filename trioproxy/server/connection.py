@@ -48,6 +48,7 @@ from trioproxy.http.protocol import (
     ServerProtocol,
 )
 from trioproxy.server.websocket import WebSocketSettings, is_websocket_upgrade, serve_websocket
+from trioproxy.sockio import RawSocket
 
 log = logging.getLogger("trioproxy.server")
 access_log = logging.getLogger("trioproxy.access")
@@ -103,6 +104,9 @@ class ClientConnection:
         self._response_started = False
         self._body_received = 0
         self._request: RequestHead | None = None
+        # Responses are written below trio's stream layer when the stream is a
+        # plain socket (sockio): the relay's hot path.
+        self._raw = RawSocket.under(stream)
 
     # --- the loop -----------------------------------------------------------
 
@@ -320,7 +324,10 @@ class ClientConnection:
 
     async def _send(self, data: bytes) -> None:
         try:
-            await self.stream.send_all(data)
+            if self._raw is not None:
+                await self._raw.send_all(data)
+            else:
+                await self.stream.send_all(data)
         except BaseException as exc:
             self.protocol.send_failed()
             if isinstance(exc, (trio.BrokenResourceError, trio.ClosedResourceError, OSError)):

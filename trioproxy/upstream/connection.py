@@ -20,6 +20,7 @@ from trioproxy.errors import (
 )
 from trioproxy.http.h11_impl import H11Client
 from trioproxy.http.protocol import NEED_DATA, ClientProtocol, Event
+from trioproxy.sockio import RawSocket
 from trioproxy.upstream.origin import Origin
 
 READ_SIZE = 65536
@@ -46,6 +47,7 @@ class UpstreamConnection:
     """
 
     __slots__ = (
+        "_raw",
         "_read_size",
         "clean",
         "exchanges",
@@ -65,6 +67,8 @@ class UpstreamConnection:
         self.idle_since = 0.0
         self.received = 0  # bytes received in the current exchange
         self._read_size = READ_SIZE
+        # The plain socket, read and written below trio's stream layer (sockio).
+        self._raw = RawSocket.under(stream)
 
     @property
     def reused(self) -> bool:
@@ -74,7 +78,10 @@ class UpstreamConnection:
         if not data:
             return
         try:
-            await self.stream.send_all(data)
+            if self._raw is not None:
+                await self._raw.send_all(data)
+            else:
+                await self.stream.send_all(data)
         except BaseException:
             self.protocol.send_failed()
             raise
@@ -112,8 +119,12 @@ class UpstreamConnection:
 
     async def _receive_into(self, protocol: ClientProtocol) -> None:
         size = self._read_size
+        data: bytes | bytearray
         try:
-            data = await self.stream.receive_some(size)
+            if self._raw is not None:
+                data = await self._raw.receive(size)
+            else:
+                data = await self.stream.receive_some(size)
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
             raise UpstreamClosed(f"reading from {self.origin}: {exc!r}") from None
         if len(data) == size:
