@@ -16,7 +16,10 @@ system call first and waiting only when it would block costs ~70 µs and
   unless cancelled), and a call that would block waits in trio
   (``wait_readable`` / ``wait_writable``), where it can be cancelled;
 * **fairness**: a call that did not block yields anyway once every
-  :data:`YIELD_EVERY` calls, so a fast peer cannot starve the other tasks;
+  :data:`YIELD_EVERY` calls, so a fast peer cannot starve the other tasks.
+  That yield comes after the system call and is shielded, as in trio's own
+  socket methods: a call that raises ``Cancelled`` did nothing, and one that
+  moved bytes returns them (a cancellation is delivered at the next call);
 * **errors**: the socket's ``OSError`` (and trio's ``ClosedResourceError``
   when the socket is closed under a waiting task), as the caller already maps
   them for a ``SocketStream``.
@@ -30,7 +33,12 @@ from __future__ import annotations
 import socket
 
 import trio
-from trio.lowlevel import checkpoint, checkpoint_if_cancelled, wait_readable, wait_writable
+from trio.lowlevel import (
+    cancel_shielded_checkpoint,
+    checkpoint_if_cancelled,
+    wait_readable,
+    wait_writable,
+)
 
 #: Calls that did not block, at most, between two yields to the scheduler.
 YIELD_EVERY = 16
@@ -70,7 +78,7 @@ class RawSocket:
             self._unyielded += 1
             if self._unyielded >= YIELD_EVERY:
                 self._unyielded = 0
-                await checkpoint()
+                await cancel_shielded_checkpoint()
             return data
 
     async def send_all(self, data: bytes) -> None:
@@ -85,7 +93,7 @@ class RawSocket:
             self._unyielded += 1
             if self._unyielded >= YIELD_EVERY:
                 self._unyielded = 0
-                await checkpoint()
+                await cancel_shielded_checkpoint()
             return
         view = memoryview(data)[sent:]
         while view:
