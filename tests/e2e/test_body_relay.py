@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import random
 import time
+from collections.abc import Awaitable, Callable
 
 import h11
 import pytest
@@ -70,6 +71,45 @@ async def _read_response(stream: trio.SocketStream) -> tuple[int, bytes, bool]:
             return status, bytes(body), True
 
 
+async def _fetch_through_proxy(
+    nursery: trio.Nursery,
+    parser: str,
+    handler: Callable[[trio.SocketStream], Awaitable[None]],
+    *,
+    within: float,
+) -> tuple[int, bytes, bool]:
+    """GET through a proxy (``--http parser``) in front of the upstream ``handler``."""
+    host, port = await serve_tcp_handler(handler, nursery)
+    async with run_proxy("--http", parser, "--upstream", f"http://{host}:{port}") as proxy:
+        stream = await open_request(proxy.host, proxy.port, GET)
+        try:
+            with trio.fail_after(within):
+                return await _read_response(stream)
+        finally:
+            await trio.aclose_forcefully(stream)
+
+
+async def _download_pattern(
+    nursery: trio.Nursery, size: int, *proxy_args: str, within: float, pause: float = 0.0
+) -> None:
+    """GET ``size`` pattern bytes (Content-Length) through a proxy started with
+    ``proxy_args``, taking nothing for ``pause`` seconds after the head; check that every
+    byte arrived intact."""
+    host, port = await serve_tcp_handler(pattern_upstream(size), nursery)
+    async with run_proxy(*proxy_args, "--upstream", f"http://{host}:{port}") as proxy:
+        stream = await open_request(proxy.host, proxy.port, GET)
+        try:
+            with trio.fail_after(within):
+                head, first = await receive_head(stream)
+                await trio.sleep(pause)
+                received, digest = await receive_body_digest(stream, size, first)
+        finally:
+            await trio.aclose_forcefully(stream)
+    assert head.status == 200
+    assert received == size
+    assert digest == pattern_digest(size)
+
+
 def _awkward_pieces(payloads: list[bytes]) -> list[bytes]:
     """The chunked encoding of ``payloads`` cut at every awkward place: inside the size,
     between the size and its CRLF, inside each CRLF, inside the data, inside the last
@@ -97,14 +137,7 @@ async def test_chunked_body_split_at_awkward_boundaries_arrives_byte_exact(
             await trio.sleep(0.003)  # a read of its own on the proxy's side
         await _read_request(stream)  # hold the connection until the proxy lets go
 
-    host, port = await serve_tcp_handler(handler, nursery)
-    async with run_proxy("--http", parser, "--upstream", f"http://{host}:{port}") as proxy:
-        stream = await open_request(proxy.host, proxy.port, GET)
-        try:
-            with trio.fail_after(20):
-                status, body, complete = await _read_response(stream)
-        finally:
-            await trio.aclose_forcefully(stream)
+    status, body, complete = await _fetch_through_proxy(nursery, parser, handler, within=20)
     assert status == 200
     assert complete
     assert body == b"".join(payloads)
@@ -126,14 +159,7 @@ async def test_large_chunked_body_of_random_chunk_sizes_is_byte_exact(
         await stream.send_all(b"0\r\n\r\n")
         await _read_request(stream)
 
-    host, port = await serve_tcp_handler(handler, nursery)
-    async with run_proxy("--http", parser, "--upstream", f"http://{host}:{port}") as proxy:
-        stream = await open_request(proxy.host, proxy.port, GET)
-        try:
-            with trio.fail_after(40):
-                status, body, complete = await _read_response(stream)
-        finally:
-            await trio.aclose_forcefully(stream)
+    status, body, complete = await _fetch_through_proxy(nursery, parser, handler, within=40)
     assert status == 200
     assert complete
     assert hashlib.sha256(body).hexdigest() == expected
@@ -142,18 +168,7 @@ async def test_large_chunked_body_of_random_chunk_sizes_is_byte_exact(
 @PARSERS
 async def test_large_content_length_body_is_byte_exact(nursery: trio.Nursery, parser: str) -> None:
     size = 64 * MiB + 12345  # not a multiple of any read size
-    host, port = await serve_tcp_handler(pattern_upstream(size), nursery)
-    async with run_proxy("--http", parser, "--upstream", f"http://{host}:{port}") as proxy:
-        stream = await open_request(proxy.host, proxy.port, GET)
-        try:
-            with trio.fail_after(40):
-                head, first = await receive_head(stream)
-                received, digest = await receive_body_digest(stream, size, first)
-        finally:
-            await trio.aclose_forcefully(stream)
-    assert head.status == 200
-    assert received == size
-    assert digest == pattern_digest(size)
+    await _download_pattern(nursery, size, "--http", parser, within=40)
 
 
 @PARSERS
@@ -213,19 +228,7 @@ async def test_a_client_pausing_within_the_read_timeout_gets_the_whole_body(
     """Backpressure is not silence: the client stops reading for 1 s (the upstream is
     held back meanwhile), with --read-timeout 3, and still gets every byte."""
     size = 32 * MiB
-    host, port = await serve_tcp_handler(pattern_upstream(size), nursery)
-    async with run_proxy("--upstream", f"http://{host}:{port}", "--read-timeout", "3") as proxy:
-        stream = await open_request(proxy.host, proxy.port, GET)
-        try:
-            with trio.fail_after(30):
-                head, first = await receive_head(stream)
-                await trio.sleep(1)
-                received, digest = await receive_body_digest(stream, size, first)
-        finally:
-            await trio.aclose_forcefully(stream)
-    assert head.status == 200
-    assert received == size
-    assert digest == pattern_digest(size)
+    await _download_pattern(nursery, size, "--read-timeout", "3", pause=1.0, within=30)
 
 
 async def test_a_client_that_takes_nothing_for_the_read_timeout_is_cut(
