@@ -1,26 +1,32 @@
 """The floor: what a bare trio relay costs on the bench's own SSE and download loads.
 
-``python -m bench.floor sse`` and ``python -m bench.floor download`` start the
-scenario's back end and a contender, load it the way the bench does (same pinning:
-the contender on core 1, back end and load on core 0) and print, per repetition and
-as medians, the latency or throughput and the contender's **CPU time per unit of
-work** (µs per event, ms per MiB): the figure that survives a shared machine.
+``python -m bench.floor sse|download|upload --target T`` starts the scenario's back end
+(the bench's SSE server, or its nginx) and a contender, loads it the way the bench does
+(same pinning: the contender on core 1; back end, load and this process on core 0;
+1000 SSE streams, or wrk with 8 connections on 1 MiB bodies / 4 on 10 MiB uploads) and
+prints, per repetition and as medians, the latency or throughput and the contender's
+**CPU time per unit of work** (µs per SSE event, ms per MiB): the figure that survives a
+shared machine. Every repetition starts the contender afresh and warms it up first.
 
 Contenders (``--target``):
 
 ``relay``
-    The smallest possible trio relay, in this file: per client connection one
-    upstream connection and two tasks, each ``receive_some`` → ``send_all`` in a
-    loop; no parsing, no timeouts. Nothing written in trio can relay the same
-    bytes for less, so it is the floor under trioproxy's figures.
+    The smallest trio relay, in this file: per client connection one upstream
+    connection and two tasks, each ``receive_some`` → ``send_all`` on
+    ``trio.SocketStream`` in a loop; no parsing, no timeouts. The floor for a design
+    that uses trio's streams.
+``relay-lowlevel``
+    The same below trio's stream layer: the raw socket's ``recv``/``send`` first, and
+    ``wait_readable``/``wait_writable`` only when a call would block (what
+    ``trioproxy.sockio`` does). The floor for any one-task-per-stream trio design.
 ``trioproxy``, ``trioproxy-h11``
-    ``python -m trioproxy`` from this checkout (``--http auto`` / ``--http h11``),
-    with the bench's flags.
+    ``python -m trioproxy`` (``--http auto`` / ``--http h11``) with the bench's flags,
+    from this checkout or ``--trioproxy-src DIR``.
 ``nginx``
-    nginx as a reverse proxy, as in the bench.
+    nginx as a reverse proxy, configured as in the bench.
 
-``python -m bench.floor relay --port P --upstream HOST:PORT`` runs the bare relay
-alone (what ``--target relay`` starts).
+``python -m bench.floor relay --port P --upstream HOST:PORT [--lowlevel]`` runs the
+bare relay alone (what ``--target relay`` starts).
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import trio
@@ -56,7 +63,10 @@ async def _pump(source: trio.SocketStream, sink: trio.SocketStream) -> None:
         pass
 
 
-async def _relay_one(client: trio.SocketStream, upstream: tuple[str, int]) -> None:
+Pump = Callable[[trio.SocketStream, trio.SocketStream], Awaitable[None]]
+
+
+async def _relay_one(client: trio.SocketStream, upstream: tuple[str, int], pump: Pump) -> None:
     try:
         server = await trio.open_tcp_stream(*upstream)
     except OSError:
@@ -66,7 +76,7 @@ async def _relay_one(client: trio.SocketStream, upstream: tuple[str, int]) -> No
         async with trio.open_nursery() as nursery:
 
             async def pump_and_cancel(source: trio.SocketStream, sink: trio.SocketStream) -> None:
-                await _pump(source, sink)
+                await pump(source, sink)
                 nursery.cancel_scope.cancel()
 
             nursery.start_soon(pump_and_cancel, client, server)
@@ -108,16 +118,20 @@ async def _pump_lowlevel(source: trio.SocketStream, sink: trio.SocketStream) -> 
 
 async def relay(port: int, upstream: tuple[str, int], lowlevel: bool = False) -> None:
     """Accept on 127.0.0.1:``port`` and relay every connection to ``upstream``."""
-    global _pump
-    if lowlevel:
-        _pump = _pump_lowlevel
-    await trio.serve_tcp(lambda s: _relay_one(s, upstream), port, host="127.0.0.1", backlog=4096)
+    pump = _pump_lowlevel if lowlevel else _pump
+
+    async def handler(client: trio.SocketStream) -> None:
+        await _relay_one(client, upstream, pump)
+
+    await trio.serve_tcp(handler, port, host="127.0.0.1", backlog=4096)
 
 
 # --- contenders -------------------------------------------------------------------------
 
 
-def _contender(target: str, port: int, upstream: str, workdir: Path, *, stream: bool) -> Child:
+def _contender(
+    target: str, port: int, upstream: str, workdir: Path, *, stream: bool, src: Path
+) -> Child:
     if target in ("relay", "relay-lowlevel"):
         argv = [sys.executable, "-m", "bench.floor", "relay", "--port", str(port)]
         argv += ["--upstream", upstream] + (["--lowlevel"] if target == "relay-lowlevel" else [])
@@ -134,7 +148,9 @@ def _contender(target: str, port: int, upstream: str, workdir: Path, *, stream: 
         argv = nginx.command(tools.nginx, conf)
     else:
         raise SystemExit(f"unknown target {target!r}")
-    return start(target, argv, port=port, core=CORE_PROXY, log_dir=workdir, cwd=REPO_DIR)
+    # ``python -m`` puts the working directory first on sys.path: trioproxy runs from src.
+    cwd = src if target.startswith("trioproxy") else REPO_DIR
+    return start(target, argv, port=port, core=CORE_PROXY, log_dir=workdir, cwd=cwd)
 
 
 def _backend(kind: str, workdir: Path) -> Child:
@@ -215,6 +231,7 @@ def _measure(args: argparse.Namespace) -> None:
                     f"127.0.0.1:{backend.port}",
                     workdir,
                     stream=kind == "sse",
+                    src=args.trioproxy_src,
                 )
                 try:
                     if kind == "sse":
@@ -261,6 +278,12 @@ def main() -> None:
         m.add_argument("--duration", type=float, default=5.0)
         m.add_argument("--reps", type=int, default=3)
         m.add_argument("--streams", type=int, default=1000)
+        m.add_argument(
+            "--trioproxy-src",
+            type=Path,
+            default=REPO_DIR,
+            help="run trioproxy from this tree (e.g. a `git archive` of another commit)",
+        )
     args = parser.parse_args()
     if args.command == "relay":
         host, _, port = args.upstream.rpartition(":")
