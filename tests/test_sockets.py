@@ -119,3 +119,68 @@ async def test_receive_nowait_takes_what_is_there_without_waiting() -> None:
     assert right.receive_nowait(100) == b""  # the peer's EOF
     await left.aclose()
     await right.aclose()
+
+
+# trio's rule that matters to the relay: a call that raises Cancelled did nothing,
+# and a call that moved bytes returns normally. Broken, a request body's last bytes
+# could be sent and reported cancelled, and a keep-alive connection closed under a
+# client that did nothing wrong. trio shuffles the order of a batch: repeat.
+
+
+@pytest.mark.parametrize("attempt", range(40))
+async def test_a_send_cancelled_as_it_yields_either_did_nothing_or_returns(
+    monkeypatch: pytest.MonkeyPatch, attempt: int
+) -> None:
+    left, right = await tcp_pair()
+    monkeypatch.setattr(sockets, "_unyielded", YIELD_EVERY - 1)  # this call yields after
+    scope = trio.CancelScope()
+    returned = False
+
+    async def sender() -> None:
+        nonlocal returned
+        with scope:
+            await left.send_all(b"last bytes")
+            returned = True
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(sender)
+        nursery.start_soon(_cancel, scope)
+    await left.send_eof()
+    received = b""
+    while data := await right.receive_some(100):
+        received += data
+    assert returned == (received == b"last bytes")
+    await left.aclose()
+    await right.aclose()
+
+
+@pytest.mark.parametrize("attempt", range(40))
+async def test_a_receive_cancelled_as_it_yields_either_took_nothing_or_returns_it(
+    monkeypatch: pytest.MonkeyPatch, attempt: int
+) -> None:
+    left, right = await tcp_pair()
+    await left.send_all(b"event")
+    await left.send_eof()
+    with trio.fail_after(5):
+        await trio.lowlevel.wait_readable(right.socket)
+    monkeypatch.setattr(sockets, "_unyielded", YIELD_EVERY - 1)
+    scope = trio.CancelScope()
+    got: list[bytes] = []
+
+    async def receiver() -> None:
+        with scope:
+            got.append(await right.receive_some(100))
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(receiver)
+        nursery.start_soon(_cancel, scope)
+    left_over = b""
+    while data := await right.receive_some(100):
+        left_over += data
+    assert (got, left_over) in (([b"event"], b""), ([], b"event"))
+    await left.aclose()
+    await right.aclose()
+
+
+async def _cancel(scope: trio.CancelScope) -> None:
+    scope.cancel()

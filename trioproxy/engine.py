@@ -39,7 +39,6 @@ client connection, so a truncated body is never taken for a whole one.
 from __future__ import annotations
 
 import logging
-import math
 import random
 from collections.abc import Callable
 from typing import Protocol
@@ -51,6 +50,7 @@ from trioproxy.balance.balancer import Balancer
 from trioproxy.balance.retry import RetryBudget, RetryPolicy
 from trioproxy.balance.target import Target
 from trioproxy.errors import (
+    ClientDisconnected,
     NoHealthyUpstream,
     PoolTimeout,
     ProxyError,
@@ -537,19 +537,28 @@ class Engine:
         end: bool,
     ) -> None:
         """Send the head with what of the body came with it, then one write per read:
-        nothing waits for more data before it is sent."""
+        nothing waits for more data before it is sent.
+
+        The read timeout is one cancel scope for the whole body whose deadline
+        trails the last read or write by between ``read_timeout`` and
+        ``read_timeout * (1 + 1/16)``: moving a trio deadline costs a heap push
+        and a context manager, so it moves only when the slack is used up (once
+        per ``read_timeout / 16`` of a busy stream, not once per chunk). A write
+        to the client that takes no byte for as long counts against the client
+        (it is cut, as nginx's ``send_timeout`` does), not the upstream.
+        """
         await downstream.send_parts(head, chunks, end)
-        # One cancel scope for the whole body, its deadline moved before each
-        # read and lifted while the client is written to (a slow client is
-        # backpressure, not an upstream timeout): cheaper than a scope a read.
+        if end:
+            return
         timeout = self.read_timeout
-        reading = trio.CancelScope()
+        slack = timeout / 16
+        deadline = trio.current_time() + timeout
+        reading = trio.CancelScope(deadline=deadline)
+        sending = False
         try:
             with reading:
                 while not end:
-                    reading.deadline = trio.current_time() + timeout
                     event = await conn.next_event(None)
-                    reading.deadline = math.inf
                     if type(event) is Body:
                         record.bytes_out += len(event.data)
                         chunks, end = _parsed_body(conn, record)
@@ -558,10 +567,18 @@ class Engine:
                         chunks, end = [], True
                     else:
                         raise UpstreamClosed(f"{conn.origin}: unexpected {event!r} in body")
+                    if (now := trio.current_time()) + timeout > deadline:
+                        reading.deadline = deadline = now + timeout + slack
+                    sending = True
                     await downstream.send_parts(None, chunks, end)
+                    sending = False
+                    if (now := trio.current_time()) + timeout > deadline:
+                        reading.deadline = deadline = now + timeout + slack
         except UpstreamError as exc:
             raise UpstreamBrokenMidBody(f"{conn.origin}: {exc.detail}") from None
         if reading.cancelled_caught:
+            if sending:
+                raise ClientDisconnected(f"the client took no data for {timeout} s")
             raise UpstreamBrokenMidBody(f"{conn.origin}: no data for {timeout} s")
 
 
