@@ -446,10 +446,20 @@ class Engine:
             except ProxyError as exc:
                 error = exc
             nursery.cancel_scope.cancel()
-        if side.client_error is not None:
-            raise side.client_error
+        # Raised with no reference left behind: an exception held by a local of
+        # a frame in its own traceback is a reference cycle, which took the
+        # sockets, parsers and tasks of every failed exchange to the cyclic GC.
+        if (client_error := side.client_error) is not None:
+            side.client_error = None
+            try:
+                raise client_error
+            finally:
+                del client_error, error
         if error is not None:
-            raise error
+            try:
+                raise error
+            finally:
+                del error
         conn.clean = side.sent
 
     async def _send_request(
