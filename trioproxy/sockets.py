@@ -199,6 +199,15 @@ class FastSocketStream(trio.abc.HalfCloseableStream):
         await checkpoint()
 
 
+def receive_ready(stream: trio.abc.Stream, max_bytes: int) -> bytes | None:
+    """What ``stream`` holds now, without waiting: ``FastSocketStream.receive_nowait``
+    for a ``FastSocketStream``, ``None`` for any other stream (TLS, memory), whose
+    caller then waits as usual."""
+    if type(stream) is not FastSocketStream:
+        return None
+    return stream.receive_nowait(max_bytes)
+
+
 def socket_of(stream: trio.abc.Stream) -> socket.socket | trio.socket.SocketType | None:
     """The socket under ``stream`` (through TLS), or None for other streams."""
     if isinstance(stream, trio.SSLStream):

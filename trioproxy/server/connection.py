@@ -49,7 +49,7 @@ from trioproxy.http.protocol import (
     ServerProtocol,
 )
 from trioproxy.server.websocket import WebSocketSettings, is_websocket_upgrade, serve_websocket
-from trioproxy.sockets import FastSocketStream, socket_of
+from trioproxy.sockets import receive_ready, socket_of
 
 log = logging.getLogger("trioproxy.server")
 access_log = logging.getLogger("trioproxy.access")
@@ -348,11 +348,8 @@ class ClientConnection:
 
     def _receive_ready(self) -> bytes | None:
         """What the client sent already (no waiting); None if nothing or not a socket."""
-        stream = self.stream
-        if type(stream) is not FastSocketStream:
-            return None
         try:
-            return stream.receive_nowait(READ_SIZE)
+            return receive_ready(self.stream, READ_SIZE)
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
             raise ClientDisconnected(repr(exc)) from None
 

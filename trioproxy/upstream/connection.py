@@ -20,7 +20,7 @@ from trioproxy.errors import (
 )
 from trioproxy.http.h11_impl import H11Client
 from trioproxy.http.protocol import NEED_DATA, ClientProtocol, Event, _Sentinel
-from trioproxy.sockets import FastSocketStream, socket_of
+from trioproxy.sockets import FastSocketStream, receive_ready, socket_of
 from trioproxy.upstream.origin import Origin
 
 READ_SIZE = 65536
@@ -120,10 +120,9 @@ class UpstreamConnection:
         """
         protocol = self.protocol
         event = protocol.next_event()
-        stream = self.stream
-        if event is NEED_DATA and type(stream) is FastSocketStream:
+        if event is NEED_DATA:
             try:
-                data = stream.receive_nowait(self._read_size)
+                data = receive_ready(self.stream, self._read_size)
             except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
                 raise UpstreamClosed(f"reading from {self.origin}: {exc!r}") from None
             if data is not None:
