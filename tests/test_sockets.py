@@ -106,6 +106,39 @@ async def test_adopt_takes_over_a_trio_socket_stream() -> None:
         await server.aclose()
 
 
+async def test_ready_acceptor_takes_a_queued_burst_at_once_then_says_none() -> None:
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    port = listeners[0].socket.getsockname()[1]
+    async with listeners[0]:
+        acceptor = sockets.ReadyAcceptor(listeners[0])
+        clients = [socket.create_connection(("127.0.0.1", port)) for _ in range(5)]
+        try:
+            # The kernel has queued all five: they come out in one synchronous run.
+            accepted = []
+            while (stream := acceptor.accept_nowait()) is not None:
+                accepted.append(stream)
+            assert len(accepted) == 5
+            for index, (client, server) in enumerate(zip(clients, accepted, strict=True)):
+                # trio's socket options, as on a stream from trio.SocketListener.accept.
+                assert server.socket.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+                client.sendall(b"ping %d" % index)
+                assert await server.receive_some(10) == b"ping %d" % index
+                await server.send_all(b"pong")
+                assert client.recv(10) == b"pong"
+                await server.aclose()
+        finally:
+            for client in clients:
+                client.close()
+            acceptor.close()
+        # The acceptor's descriptor was its own: the listener still accepts.
+        with socket.create_connection(("127.0.0.1", port)):
+            server = FastSocketStream.adopt(await listeners[0].accept())
+            await server.aclose()
+    # With both closed, nothing listens on the port any more.
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection(("127.0.0.1", port)).close()
+
+
 async def test_receive_nowait_takes_what_is_there_without_waiting() -> None:
     left, right = await tcp_pair()
     assert right.receive_nowait(100) is None  # nothing sent yet

@@ -26,6 +26,7 @@ It owns a stdlib socket taken over from a ``trio.SocketStream`` (see
 from __future__ import annotations
 
 import errno
+import os
 import socket
 
 import trio
@@ -197,6 +198,60 @@ class FastSocketStream(trio.abc.HalfCloseableStream):
             notify_closing(sock)
             sock.close()
         await checkpoint()
+
+
+#: Connections accepted without a trip through the run loop, after one that waited.
+ACCEPT_BATCH = 128
+
+# Errors of accept(2) that concern only the connection being accepted (as trio's).
+_ACCEPT_SKIP_ERRNOS = frozenset({errno.ECONNABORTED, errno.EPROTO, errno.EPERM})
+
+
+class ReadyAcceptor:
+    """Takes the connections already queued on a listening socket, without waiting.
+
+    ``trio.SocketListener.accept`` yields to the scheduler after every connection,
+    so a burst of N new clients is taken one per run-loop pass: under load the
+    last one waits N passes (hundreds of ms at 64 connections) before its first
+    request is read. After an ``accept`` that waited, :meth:`accept_nowait` takes
+    the rest of the burst in the same pass.
+
+    It owns a duplicate of the listening descriptor (the same socket in the
+    kernel), closed by :meth:`close`; close it before the listener, so that
+    closing the listener stops the kernel queueing connections.
+    """
+
+    __slots__ = ("_sock",)
+
+    def __init__(self, listener: trio.SocketListener) -> None:
+        self._sock = socket.socket(fileno=os.dup(listener.socket.fileno()))
+
+    def accept_nowait(self) -> FastSocketStream | None:
+        """A queued connection as a stream with trio's options, or ``None`` if none.
+
+        Raises ``OSError`` as ``accept`` does (``EMFILE`` and the like).
+        """
+        while True:
+            try:
+                sock, _ = self._sock.accept()
+            except BlockingIOError:
+                return None
+            except OSError as exc:
+                if exc.errno in _ACCEPT_SKIP_ERRNOS:
+                    continue
+                raise
+            try:
+                # What trio.SocketStream sets on a TCP socket.
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, True)
+                if hasattr(socket, "TCP_NOTSENT_LOWAT"):
+                    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NOTSENT_LOWAT, 2**14)
+            except OSError:
+                # Reset before we got to it: the handler sees the broken socket.
+                pass
+            return FastSocketStream(sock)
+
+    def close(self) -> None:
+        self._sock.close()
 
 
 def receive_ready(stream: trio.abc.Stream, max_bytes: int) -> bytes | None:

@@ -428,3 +428,40 @@ async def test_round_robin_over_several_upstreams(
         names = [(await http_client.get(proxy.url + "/")).text for _ in range(6)]
     assert sorted(set(names)) == ["A", "B"]
     assert all(x != y for x, y in itertools.pairwise(names)), names
+
+
+async def test_a_burst_of_300_clients_connecting_at_once_all_get_their_answers(
+    upstream: str, parser: str
+) -> None:
+    """More than the acceptor takes in one pass (128) arrive at once: none is lost."""
+    async with run_proxy("--http", parser, "--upstream", upstream) as proxy:
+        clients = []
+        try:
+            for _ in range(300):
+                sock = trio.socket.socket()
+                clients.append(sock)
+                await sock.connect((proxy.host, proxy.port))
+            for index, sock in enumerate(clients):
+                await sock.send(b"GET /echo/%d HTTP/1.1\r\nHost: burst\r\n\r\n" % index)
+
+            async def read_answer(index: int, sock: trio.socket.SocketType) -> None:
+                stream = trio.SocketStream(sock)
+                buffer = b""
+                while b"\r\n\r\n" not in buffer:
+                    data = await stream.receive_some(65536)
+                    assert data, f"client {index}: EOF before a response"
+                    buffer += data
+                head, _, body = buffer.partition(b"\r\n\r\n")
+                assert head.startswith(b"HTTP/1.1 200 "), head
+                length = int(re.search(rb"(?i)content-length: *(\d+)", head)[1])  # type: ignore[index]
+                while len(body) < length:
+                    body += await stream.receive_some(65536)
+                assert json.loads(body)["target"] == f"/echo/{index}"
+
+            with trio.fail_after(20):
+                async with trio.open_nursery() as nursery:
+                    for index, sock in enumerate(clients):
+                        nursery.start_soon(read_answer, index, sock)
+        finally:
+            for sock in clients:
+                sock.close()

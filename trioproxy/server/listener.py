@@ -37,7 +37,7 @@ from trioproxy.engine import Engine
 from trioproxy.http.parsers import client_factory, server_factory
 from trioproxy.server.connection import ClientConnection, ServerState
 from trioproxy.server.websocket import WebSocketSettings
-from trioproxy.sockets import FastSocketStream
+from trioproxy.sockets import ACCEPT_BATCH, FastSocketStream, ReadyAcceptor
 from trioproxy.upstream.pool import UpstreamPool
 
 log = logging.getLogger("trioproxy.server")
@@ -205,16 +205,25 @@ class ProxyServer:
         log.info("stopped")
 
     async def _accept_loop(self, listener: trio.SocketListener, handlers: trio.Nursery) -> None:
-        while True:
-            try:
-                stream = await listener.accept()
-            except OSError as exc:
-                if exc.errno in _ACCEPT_CAPACITY_ERRNOS:
-                    log.error("accept: %s; retrying in 100 ms", exc.strerror)
-                    await trio.sleep(0.1)
-                    continue
-                raise
-            handlers.start_soon(self._serve_connection, FastSocketStream.adopt(stream))
+        ready = ReadyAcceptor(listener)
+        try:
+            while True:
+                try:
+                    stream = FastSocketStream.adopt(await listener.accept())
+                    handlers.start_soon(self._serve_connection, stream)
+                    # The rest of a burst in this pass (see ReadyAcceptor).
+                    for _ in range(ACCEPT_BATCH):
+                        if (more := ready.accept_nowait()) is None:
+                            break
+                        handlers.start_soon(self._serve_connection, more)
+                except OSError as exc:
+                    if exc.errno in _ACCEPT_CAPACITY_ERRNOS:
+                        log.error("accept: %s; retrying in 100 ms", exc.strerror)
+                        await trio.sleep(0.1)
+                        continue
+                    raise
+        finally:
+            ready.close()
 
     async def _serve_connection(self, stream: FastSocketStream) -> None:
         try:
