@@ -65,8 +65,9 @@ class Contender:
     name: str
     needs: frozenset[str]
     launch: Callable[[Site], Launch]
-    #: What to say when it refuses a WebSocket upgrade.
-    no_websocket: str = "upgrade refused"
+    #: What to say when it refuses a WebSocket upgrade; ``None`` for a contender that
+    #: proxies WebSocket, whose refusal is then a failure, not "n/a".
+    no_websocket: str | None = "upgrade refused"
 
 
 def _direct(site: Site) -> Launch:
@@ -186,8 +187,8 @@ CONTENDERS: dict[str, Contender] = {
             _velithon,
             no_websocket="its gateway forwards plain HTTP only",
         ),
-        Contender("trioproxy", frozenset(), _trioproxy("auto"), no_websocket="not implemented"),
-        Contender("trioproxy-h11", frozenset(), _trioproxy("h11"), no_websocket="not implemented"),
+        Contender("trioproxy", frozenset(), _trioproxy("auto"), no_websocket=None),
+        Contender("trioproxy-h11", frozenset(), _trioproxy("h11"), no_websocket=None),
     )
 }
 

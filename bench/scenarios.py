@@ -274,12 +274,15 @@ class WsScenario(Scenario):
             )
 
         warm = once(ctx.warmup)
-        if warm.refused_status:
-            raise NotApplicable(
-                f"{ctx.contender.no_websocket}: the upgrade was answered {warm.refused_status}"
-            )
-        if warm.connected == 0 and warm.errors:
-            raise NotApplicable(f"{ctx.contender.no_websocket}: {warm.first_error}")
+        if (unsupported := ctx.contender.no_websocket) is not None:
+            if warm.refused_status:
+                raise NotApplicable(
+                    f"{unsupported}: the upgrade was answered {warm.refused_status}"
+                )
+            if warm.connected == 0 and warm.errors:
+                raise NotApplicable(f"{unsupported}: {warm.first_error}")
+        elif warm.refused_status:
+            raise BenchError(f"warm-up: the upgrade was answered {warm.refused_status}")
         result = once(ctx.duration, ctx.watch.restart_cpu)
         cpu = ctx.watch.cpu_share()
         for what, r in (("warm-up", warm), ("measurement", result)):
@@ -329,6 +332,10 @@ SCENARIOS: dict[str, Scenario] = {
         WsScenario(
             "ws-echo", "WebSocket echo, 16 conns", "ws", "msgs_s", "msgs/s",
             (("msgs_s", True),), connections=16,
+        ),
+        WsScenario(
+            "ws-echo-1", "WebSocket echo, 1 conn", "ws", "msgs_s", "msgs/s",
+            (("msgs_s", True),), connections=1,
         ),
         SseScenario(
             "sse-1000", "SSE fan-out, 1000 streams", "sse", "events_s", "events/s",
