@@ -5,6 +5,7 @@ Lifetimes (see DESIGN.md)::
     serve(config)
     └─ root nursery
        ├─ signal watcher (SIGTERM/SIGINT → drain)
+       ├─ stream hub (relays the streamed response bodies of every connection)
        └─ handler nursery ─ one task per client connection
           (the accept loops run in their own cancel scope, so that draining is
            "stop accepting, then put a deadline on the handler nursery", as
@@ -35,6 +36,7 @@ from trioproxy.balance.target import Target
 from trioproxy.config import Config
 from trioproxy.engine import Engine
 from trioproxy.http.parsers import client_factory, server_factory
+from trioproxy.relay_hub import StreamHub
 from trioproxy.server.connection import ClientConnection, ServerState
 from trioproxy.server.websocket import WebSocketSettings
 from trioproxy.sockets import ACCEPT_BATCH, FastSocketStream, ReadyAcceptor
@@ -169,6 +171,11 @@ class ProxyServer:
                     # Installed before we report ready: a signal sent as soon as
                     # "listening on" is read must drain, not kill.
                     await root.start(self._watch_signals, root.cancel_scope)
+                # Streamed response bodies are relayed by this one task (see
+                # trioproxy/relay_hub.py); it outlives every connection handler.
+                hub = StreamHub()
+                await root.start(hub.run)
+                self.engine.hub = hub
                 if config.health_check and self.engine.balancer.targets:
                     # The first round of probes ends before the first accept.
                     await root.start(self.health.run)
@@ -198,6 +205,7 @@ class ProxyServer:
                     handlers.cancel_scope.deadline = trio.current_time() + config.grace
                 root.cancel_scope.cancel()
         finally:
+            self.engine.hub = None
             for listener in listeners:
                 await trio.aclose_forcefully(listener)
             await self.engine.pool.aclose()
