@@ -191,7 +191,10 @@ class ProxyServer:
                     with self._accepting:
                         async with trio.open_nursery() as accepting:
                             for listener in listeners:
-                                accepting.start_soon(self._accept_loop, listener, handlers)
+                                # Its descriptor is open before "listening on" is reported
+                                # (a process measured from then on sees it from the start).
+                                ready = ReadyAcceptor(listener)
+                                accepting.start_soon(self._accept_loop, listener, ready, handlers)
                             task_status.started(addresses)
                     # Draining: no more accepts.
                     for listener in listeners:
@@ -212,8 +215,10 @@ class ProxyServer:
             self._stopped.set()
         log.info("stopped")
 
-    async def _accept_loop(self, listener: trio.SocketListener, handlers: trio.Nursery) -> None:
-        ready = ReadyAcceptor(listener)
+    async def _accept_loop(
+        self, listener: trio.SocketListener, ready: ReadyAcceptor, handlers: trio.Nursery
+    ) -> None:
+        """Accept until cancelled; closes ``ready`` (made by the caller) on the way out."""
         try:
             while True:
                 try:
