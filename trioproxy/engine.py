@@ -441,6 +441,7 @@ class Engine:
 
         side = _RequestSide(sent=sent)
         error: ProxyError | None = None
+        relayed = False
         async with trio.open_nursery() as nursery:
             nursery.start_soon(
                 self._send_request, conn, request, body, downstream, side, nursery.cancel_scope
@@ -452,6 +453,7 @@ class Engine:
                     head = await self._read_head(conn, record, retry_status, wait)
                     chunks, end = _parsed_body(conn, record)
                 await self._relay_rest(conn, downstream, record, head, chunks, end)
+                relayed = True
             except ProxyError as exc:
                 error = exc
             nursery.cancel_scope.cancel()
@@ -460,6 +462,13 @@ class Engine:
         # sockets, parsers and tasks of every failed exchange to the cyclic GC.
         if (client_error := side.client_error) is not None:
             side.client_error = None
+            if relayed and side.sent and type(client_error) is ClientDisconnected:
+                # The client closed once it had the whole response, and the watcher
+                # ran before this task did (the hub ends a stream from its own task):
+                # the exchange is complete, and the upstream connection clean.
+                del client_error
+                conn.clean = True
+                return
             try:
                 raise client_error
             finally:
@@ -625,6 +634,7 @@ class Engine:
         if end:
             return
         assert hub is not None and sink is not None and type(upstream_stream) is FastSocketStream
+        log.debug("%s: the body is a stream, relayed by the hub", record.request_id.decode())
         stream = HubStream(
             upstream_stream.socket,
             conn.protocol,
