@@ -19,20 +19,34 @@ Contenders (``--target``):
     The same below trio's stream layer: the raw socket's ``recv``/``send`` first, and
     ``wait_readable``/``wait_writable`` only when a call would block (what
     ``trioproxy.sockets.FastSocketStream`` does). The floor for any one-task-per-stream trio design.
+``relay-hub``
+    One task relays every connection pair: after connecting, a connection's task hands
+    both sockets to a hub that owns its own ``select.epoll`` (level-triggered
+    registrations kept for the pair's life, so no ``epoll_ctl`` per event), waits with
+    ``wait_readable`` on that epoll's descriptor and drains ``poll(0)``: ``recv`` from the
+    ready side, ``send`` to the other; a partial send buffers the rest, stops reading
+    that side and waits for ``EPOLLOUT`` on the sink (backpressure). It yields to trio
+    every :data:`HUB_YIELD_EVERY` events, and runs with trioproxy's collector settings
+    (``gc.freeze()``, a gen-0 threshold of 10,000). The floor for a design where one
+    task relays many streams.
 ``trioproxy``, ``trioproxy-h11``
     ``python -m trioproxy`` (``--http auto`` / ``--http h11``) with the bench's flags,
     from this checkout or ``--trioproxy-src DIR``.
 ``nginx``
     nginx as a reverse proxy, configured as in the bench.
 
-``python -m bench.floor relay --port P --upstream HOST:PORT [--lowlevel]`` runs the
-bare relay alone (what ``--target relay`` starts).
+``python -m bench.floor relay --port P --upstream HOST:PORT [--lowlevel | --hub]`` runs
+the bare relay alone (what ``--target relay`` starts).
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
+import gc
 import os
+import select
+import socket
 import statistics
 import sys
 import tempfile
@@ -116,14 +130,148 @@ async def _pump_lowlevel(source: trio.SocketStream, sink: trio.SocketStream) -> 
         pass
 
 
-async def relay(port: int, upstream: tuple[str, int], lowlevel: bool = False) -> None:
-    """Accept on 127.0.0.1:``port`` and relay every connection to ``upstream``."""
-    pump = _pump_lowlevel if lowlevel else _pump
+#: Events the hub handles before it yields to the other tasks.
+HUB_YIELD_EVERY = 64
+_HUB_MAX_EVENTS = 256
+_IN = select.EPOLLIN
+_OUT = select.EPOLLOUT
+_ERR = select.EPOLLERR | select.EPOLLHUP
 
-    async def handler(client: trio.SocketStream) -> None:
-        await _relay_one(client, upstream, pump)
 
-    await trio.serve_tcp(handler, port, host="127.0.0.1", backlog=4096)
+class _Side:
+    """One socket of a relayed pair, and what waits to be written to it."""
+
+    __slots__ = ("done", "mask", "peer", "pending", "sock")
+
+    def __init__(self, sock: socket.socket, done: trio.Event) -> None:
+        self.sock = sock
+        self.peer: _Side = self
+        self.pending = b""  # bytes read from the peer that this socket did not take yet
+        self.mask = _IN
+        self.done = done
+
+
+class _Hub:
+    """One task relaying every pair (see ``relay-hub`` in the module docstring)."""
+
+    def __init__(self) -> None:
+        self._epoll: select.epoll | None = None
+        self._sides: dict[int, _Side] = {}
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        epoll = self._epoll = select.epoll()
+        sides = self._sides
+        try:
+            task_status.started()
+            handled = 0
+            while True:
+                await trio.lowlevel.wait_readable(epoll.fileno())
+                while events := epoll.poll(0, _HUB_MAX_EVENTS):
+                    for fd, mask in events:
+                        side = sides.get(fd)
+                        if side is not None:
+                            self._ready(side, mask)
+                    handled += len(events)
+                    if handled >= HUB_YIELD_EVERY:
+                        handled = 0
+                        await trio.lowlevel.checkpoint()
+        finally:
+            self._epoll = None
+            epoll.close()
+
+    async def relay(self, a: socket.socket, b: socket.socket) -> None:
+        """Relay between ``a`` and ``b`` until one side ends; the caller closes them."""
+        epoll = self._epoll
+        assert epoll is not None, "the hub is not running"
+        done = trio.Event()
+        left, right = _Side(a, done), _Side(b, done)
+        left.peer, right.peer = right, left
+        try:
+            for side in (left, right):
+                side.sock.setblocking(False)
+                self._sides[side.sock.fileno()] = side
+                epoll.register(side.sock.fileno(), _IN)
+            await done.wait()
+        finally:
+            for side in (left, right):
+                if self._sides.pop(side.sock.fileno(), None) is not None:
+                    epoll.unregister(side.sock.fileno())
+
+    def _modify(self, side: _Side, mask: int) -> None:
+        if side.mask != mask:
+            side.mask = mask
+            assert self._epoll is not None
+            self._epoll.modify(side.sock.fileno(), mask)
+
+    def _ready(self, side: _Side, mask: int) -> None:
+        try:
+            if mask & _OUT and side.pending:
+                # The sink drained: write what waited, and read its peer again.
+                sent = side.sock.send(side.pending)
+                side.pending = side.pending[sent:]
+                if not side.pending:
+                    self._modify(side, side.mask & ~_OUT)
+                    self._modify(side.peer, side.peer.mask | _IN)
+            if mask & (_IN | _ERR) and side.mask & _IN:
+                try:
+                    data = side.sock.recv(READ_SIZE)
+                except BlockingIOError:
+                    return
+                if not data:
+                    side.done.set()
+                    return
+                sink = side.peer
+                try:
+                    sent = sink.sock.send(data)
+                except BlockingIOError:
+                    sent = 0
+                if sent < len(data):
+                    # Backpressure: keep the rest, stop reading until the sink drains.
+                    sink.pending = data[sent:]
+                    self._modify(sink, sink.mask | _OUT)
+                    self._modify(side, side.mask & ~_IN)
+        except OSError as exc:
+            if exc.errno == errno.EBADF:  # pragma: no cover
+                raise
+            side.done.set()
+
+
+async def relay(port: int, upstream: tuple[str, int], mode: str = "stream") -> None:
+    """Accept on 127.0.0.1:``port`` and relay every connection to ``upstream``.
+
+    ``mode``: ``stream`` (``SocketStream``), ``lowlevel`` (raw sockets) or ``hub``.
+    """
+    if mode != "hub":
+        pump = _pump_lowlevel if mode == "lowlevel" else _pump
+
+        async def handler(client: trio.SocketStream) -> None:
+            await _relay_one(client, upstream, pump)
+
+        await trio.serve_tcp(handler, port, host="127.0.0.1", backlog=4096)
+        return
+
+    # As trioproxy does (``trioproxy.__main__._tune_gc``): the hub's floor is measured
+    # under the collector settings the proxy runs with.
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(10_000, 10, 10)
+    hub = _Hub()
+
+    async def hub_handler(client: trio.SocketStream) -> None:
+        try:
+            server = await trio.open_tcp_stream(*upstream)
+        except OSError:
+            await trio.aclose_forcefully(client)
+            return
+        try:
+            await hub.relay(client.socket._sock, server.socket._sock)  # type: ignore[attr-defined]
+        finally:
+            await trio.aclose_forcefully(server)
+            await trio.aclose_forcefully(client)
+
+    async with trio.open_nursery() as nursery:
+        await nursery.start(hub.run)
+        await trio.serve_tcp(hub_handler, port, host="127.0.0.1", backlog=4096)
 
 
 # --- contenders -------------------------------------------------------------------------
@@ -132,9 +280,10 @@ async def relay(port: int, upstream: tuple[str, int], lowlevel: bool = False) ->
 def _contender(
     target: str, port: int, upstream: str, workdir: Path, *, stream: bool, src: Path
 ) -> Child:
-    if target in ("relay", "relay-lowlevel"):
+    if target in ("relay", "relay-lowlevel", "relay-hub"):
         argv = [sys.executable, "-m", "bench.floor", "relay", "--port", str(port)]
-        argv += ["--upstream", upstream] + (["--lowlevel"] if target == "relay-lowlevel" else [])
+        argv += ["--upstream", upstream]
+        argv += {"relay-lowlevel": ["--lowlevel"], "relay-hub": ["--hub"]}.get(target, [])
     elif target in ("trioproxy", "trioproxy-h11"):
         http = "h11" if target == "trioproxy-h11" else "auto"
         argv = [sys.executable, "-m", "trioproxy", "--upstream", f"http://{upstream}"]
@@ -267,13 +416,22 @@ def main() -> None:
     run = sub.add_parser("relay", help="run the bare relay alone")
     run.add_argument("--port", type=int, required=True)
     run.add_argument("--upstream", required=True, help="HOST:PORT")
-    run.add_argument("--lowlevel", action="store_true", help="raw sockets, no SocketStream")
+    modes = run.add_mutually_exclusive_group()
+    modes.add_argument("--lowlevel", action="store_true", help="raw sockets, no SocketStream")
+    modes.add_argument("--hub", action="store_true", help="one task relays every pair")
     for name in ("sse", "download", "upload"):
         m = sub.add_parser(name, help=f"measure the {name} scenario")
         m.add_argument(
             "--target",
             default="relay",
-            choices=("relay", "relay-lowlevel", "trioproxy", "trioproxy-h11", "nginx"),
+            choices=(
+                "relay",
+                "relay-lowlevel",
+                "relay-hub",
+                "trioproxy",
+                "trioproxy-h11",
+                "nginx",
+            ),
         )
         m.add_argument("--duration", type=float, default=5.0)
         m.add_argument("--reps", type=int, default=3)
@@ -288,7 +446,8 @@ def main() -> None:
     if args.command == "relay":
         host, _, port = args.upstream.rpartition(":")
         try:
-            trio.run(relay, args.port, (host, int(port)), args.lowlevel)
+            mode = "hub" if args.hub else "lowlevel" if args.lowlevel else "stream"
+            trio.run(relay, args.port, (host, int(port)), mode)
         except KeyboardInterrupt:
             pass
         return

@@ -48,8 +48,9 @@ from trioproxy.http.protocol import (
     ResponseHead,
     ServerProtocol,
 )
+from trioproxy.relay_hub import ClientSink
 from trioproxy.server.websocket import WebSocketSettings, is_websocket_upgrade, serve_websocket
-from trioproxy.sockets import receive_ready, socket_of
+from trioproxy.sockets import FastSocketStream, receive_ready, socket_of
 
 log = logging.getLogger("trioproxy.server")
 access_log = logging.getLogger("trioproxy.access")
@@ -326,20 +327,39 @@ class ClientConnection:
     async def send_parts(self, head: ResponseHead | None, chunks: list[bytes], end: bool) -> None:
         """Head (if any), body chunks and end (if ``end``) in one write: one syscall and
         one trio checkpoint for a small response instead of three."""
-        protocol = self.protocol
         parts = []
         if head is not None:
             if self.state.draining:
                 head = ResponseHead(
                     head.status_code, [*head.headers, (b"connection", b"close")], head.reason
                 )
-            parts.append(protocol.send_head(head))
+            parts.append(self.protocol.send_head(head))
             self._response_started = True
+        self._frame_into(parts, chunks, end)
+        await self._send(parts[0] if len(parts) == 1 else b"".join(parts))
+
+    def _frame_into(self, parts: list[bytes], chunks: list[bytes], end: bool) -> None:
+        """Append the bytes that carry body ``chunks`` (and the end, if ``end``)."""
+        protocol = self.protocol
         for chunk in chunks:
             parts.append(protocol.send_body(chunk))
         if end:
             parts.append(protocol.send_end())
-        await self._send(parts[0] if len(parts) == 1 else b"".join(parts))
+
+    def frame_body(self, chunks: list[bytes], end: bool) -> bytes:
+        """The framing of ``send_parts`` for body chunks, without I/O (for the stream
+        hub, which writes it)."""
+        parts: list[bytes] = []
+        self._frame_into(parts, chunks, end)
+        return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    def hub_sink(self) -> ClientSink | None:
+        """The client socket and framing for the stream hub; None unless the client is
+        plain TCP (a ``FastSocketStream``)."""
+        stream = self.stream
+        if type(stream) is not FastSocketStream:
+            return None
+        return ClientSink(stream.socket, self.frame_body, self.protocol.send_failed)
 
     async def send_end(self) -> None:
         await self.send_parts(None, [], True)

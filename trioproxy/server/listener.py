@@ -5,6 +5,7 @@ Lifetimes (see DESIGN.md)::
     serve(config)
     └─ root nursery
        ├─ signal watcher (SIGTERM/SIGINT → drain)
+       ├─ stream hub (relays the streamed response bodies of every connection)
        └─ handler nursery ─ one task per client connection
           (the accept loops run in their own cancel scope, so that draining is
            "stop accepting, then put a deadline on the handler nursery", as
@@ -35,6 +36,7 @@ from trioproxy.balance.target import Target
 from trioproxy.config import Config
 from trioproxy.engine import Engine
 from trioproxy.http.parsers import client_factory, server_factory
+from trioproxy.relay_hub import StreamHub
 from trioproxy.server.connection import ClientConnection, ServerState
 from trioproxy.server.websocket import WebSocketSettings
 from trioproxy.sockets import ACCEPT_BATCH, FastSocketStream, ReadyAcceptor
@@ -169,6 +171,11 @@ class ProxyServer:
                     # Installed before we report ready: a signal sent as soon as
                     # "listening on" is read must drain, not kill.
                     await root.start(self._watch_signals, root.cancel_scope)
+                # Streamed response bodies are relayed by this one task (see
+                # trioproxy/relay_hub.py); it outlives every connection handler.
+                hub = StreamHub()
+                await root.start(hub.run)
+                self.engine.hub = hub
                 if config.health_check and self.engine.balancer.targets:
                     # The first round of probes ends before the first accept.
                     await root.start(self.health.run)
@@ -184,7 +191,10 @@ class ProxyServer:
                     with self._accepting:
                         async with trio.open_nursery() as accepting:
                             for listener in listeners:
-                                accepting.start_soon(self._accept_loop, listener, handlers)
+                                # Its descriptor is open before "listening on" is reported
+                                # (a process measured from then on sees it from the start).
+                                ready = ReadyAcceptor(listener)
+                                accepting.start_soon(self._accept_loop, listener, ready, handlers)
                             task_status.started(addresses)
                     # Draining: no more accepts.
                     for listener in listeners:
@@ -198,14 +208,17 @@ class ProxyServer:
                     handlers.cancel_scope.deadline = trio.current_time() + config.grace
                 root.cancel_scope.cancel()
         finally:
+            self.engine.hub = None
             for listener in listeners:
                 await trio.aclose_forcefully(listener)
             await self.engine.pool.aclose()
             self._stopped.set()
         log.info("stopped")
 
-    async def _accept_loop(self, listener: trio.SocketListener, handlers: trio.Nursery) -> None:
-        ready = ReadyAcceptor(listener)
+    async def _accept_loop(
+        self, listener: trio.SocketListener, ready: ReadyAcceptor, handlers: trio.Nursery
+    ) -> None:
+        """Accept until cancelled; closes ``ready`` (made by the caller) on the way out."""
         try:
             while True:
                 try:
