@@ -188,14 +188,21 @@ class ProxyServer:
                     )
                     log.info("admin listening on %s", format_url(admin[0]))
                 async with trio.open_nursery() as handlers:
-                    with self._accepting:
-                        async with trio.open_nursery() as accepting:
-                            for listener in listeners:
-                                # Its descriptor is open before "listening on" is reported
-                                # (a process measured from then on sees it from the start).
-                                ready = ReadyAcceptor(listener)
-                                accepting.start_soon(self._accept_loop, listener, ready, handlers)
-                            task_status.started(addresses)
+                    # Opened before "listening on" is reported (a process measured from
+                    # then on sees its descriptors from the start), closed before the
+                    # listeners are (see ReadyAcceptor).
+                    readies = [ReadyAcceptor(listener) for listener in listeners]
+                    try:
+                        with self._accepting:
+                            async with trio.open_nursery() as accepting:
+                                for listener, ready in zip(listeners, readies, strict=True):
+                                    accepting.start_soon(
+                                        self._accept_loop, listener, ready, handlers
+                                    )
+                                task_status.started(addresses)
+                    finally:
+                        for ready in readies:
+                            ready.close()
                     # Draining: no more accepts.
                     for listener in listeners:
                         await trio.aclose_forcefully(listener)
@@ -218,25 +225,21 @@ class ProxyServer:
     async def _accept_loop(
         self, listener: trio.SocketListener, ready: ReadyAcceptor, handlers: trio.Nursery
     ) -> None:
-        """Accept until cancelled; closes ``ready`` (made by the caller) on the way out."""
-        try:
-            while True:
-                try:
-                    stream = FastSocketStream.adopt(await listener.accept())
-                    handlers.start_soon(self._serve_connection, stream)
-                    # The rest of a burst in this pass (see ReadyAcceptor).
-                    for _ in range(ACCEPT_BATCH):
-                        if (more := ready.accept_nowait()) is None:
-                            break
-                        handlers.start_soon(self._serve_connection, more)
-                except OSError as exc:
-                    if exc.errno in _ACCEPT_CAPACITY_ERRNOS:
-                        log.error("accept: %s; retrying in 100 ms", exc.strerror)
-                        await trio.sleep(0.1)
-                        continue
-                    raise
-        finally:
-            ready.close()
+        while True:
+            try:
+                stream = FastSocketStream.adopt(await listener.accept())
+                handlers.start_soon(self._serve_connection, stream)
+                # The rest of a burst in this pass (see ReadyAcceptor).
+                for _ in range(ACCEPT_BATCH):
+                    if (more := ready.accept_nowait()) is None:
+                        break
+                    handlers.start_soon(self._serve_connection, more)
+            except OSError as exc:
+                if exc.errno in _ACCEPT_CAPACITY_ERRNOS:
+                    log.error("accept: %s; retrying in 100 ms", exc.strerror)
+                    await trio.sleep(0.1)
+                    continue
+                raise
 
     async def _serve_connection(self, stream: FastSocketStream) -> None:
         try:
