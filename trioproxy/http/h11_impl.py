@@ -24,7 +24,6 @@ request's CPU in h11 mode.
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
 import h11
@@ -59,17 +58,17 @@ class _StrictReceiveBuffer(ReceiveBuffer):
         data = self._data
         start = self._checked
         head_end = data.find(b"\r\n\r\n", max(0, start - 3))
-        lf_end = data.find(b"\n\n", max(0, start - 1))
-        if lf_end != -1 and (head_end == -1 or lf_end < head_end):
-            raise h11.LocalProtocolError(_BARE_LF)
         if head_end != -1:
-            _check_head_lines(bytes(data[: head_end + 2]))
+            # A "\n\n" before it is a bare LF, which the check below refuses.
+            _check_head_lines(data[: head_end + 2])
         else:
+            if data.find(b"\n\n", max(0, start - 1)) != -1:
+                raise h11.LocalProtocolError(_BARE_LF)
             last = data.rfind(b"\n", start)
             if last != -1:
                 # Check the complete lines seen so far, to fail early; a line
                 # folded onto the previous one needs that one's end in view.
-                _check_head_lines(bytes(data[max(0, start - 2) : last + 1]))
+                _check_head_lines(data[max(0, start - 2) : last + 1])
                 self._checked = last + 1
         lines = super().maybe_extract_lines()
         if lines is not None:
@@ -84,19 +83,23 @@ _MANY_LENGTHS = "more than one Content-Length"
 _CONTROL = "control character in message head"
 # RFC 9110 §5.5: no CTL but HTAB in a field value (h11 lets 0x01-0x1f and 0x7f
 # through; llhttp refuses them: refusing here too keeps the parsers alike).
-_CONTROL_RE = re.compile(rb"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+# Deleting every allowed byte leaves the forbidden ones: one C-level pass, where
+# a regex character class costs several times more per byte.
+_CONTROLS = frozenset(range(0x00, 0x09)) | {0x0B, 0x0C} | frozenset(range(0x0E, 0x20)) | {0x7F}
+_NOT_CONTROL = bytes(byte for byte in range(256) if byte not in _CONTROLS)
 #: Our own messages are fixed texts, safe to show the client; h11's quote its input.
 _OWN_REASONS = frozenset({_BARE_LF, _OBS_FOLD, _BARE_CR, _MANY_LENGTHS, _CONTROL})
 
 
-def _check_head_lines(head: bytes) -> None:
-    if head.count(b"\n") != head.count(b"\r\n"):
+def _check_head_lines(head: bytearray) -> None:
+    crlf = head.count(b"\r\n")
+    if head.count(b"\n") != crlf:
         raise h11.LocalProtocolError(_BARE_LF)
     if b"\r\n " in head or b"\r\n\t" in head:
         raise h11.LocalProtocolError(_OBS_FOLD)
-    if head.count(b"\r") != head.count(b"\r\n"):
+    if head.count(b"\r") != crlf:
         raise h11.LocalProtocolError(_BARE_CR)
-    if _CONTROL_RE.search(head):
+    if head.translate(None, _NOT_CONTROL):
         raise h11.LocalProtocolError(_CONTROL)
     # h11 merges equal repeated Content-Length lines (and "3, 3"); llhttp and
     # nginx refuse them, and so do we (RFC 9112 §6.3 item 5 allows either).
