@@ -24,7 +24,7 @@ request's CPU in h11 mode.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Final
 
 import h11
 from h11._receivebuffer import ReceiveBuffer
@@ -119,6 +119,11 @@ def _check_head_lines(head: bytearray) -> None:
 _HEAD_AWAITED = {h11.SERVER: (h11.IDLE,), h11.CLIENT: (h11.IDLE, h11.SEND_RESPONSE)}
 
 
+#: h11's events are immutable, and one without trailers is all we send: building
+#: it costs ~6k instructions, twice per proxied request.
+_END: Final = h11.EndOfMessage()
+
+
 def _common_event(event: object) -> Event | _Sentinel:
     """The seam's event for an h11 event both roles share (everything but heads)."""
     if type(event) is h11.Data:
@@ -158,7 +163,7 @@ class _H11Base:
         return self._send(h11.Data(data=data))
 
     def send_end(self) -> bytes:
-        return self._send(h11.EndOfMessage())
+        return self._send(_END)
 
     def _send(self, event: Any) -> bytes:
         """h11's send, with its refusal mapped: what we relay broke the framing.
