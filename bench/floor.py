@@ -1,12 +1,13 @@
-"""The floor: what a bare trio relay costs on the bench's own SSE and download loads.
+"""The floor: what a bare trio relay costs on the bench's own SSE, body and small-GET loads.
 
-``python -m bench.floor sse|download|upload --target T`` starts the scenario's back end
+``python -m bench.floor sse|download|upload|small --target T`` starts the scenario's back end
 (the bench's SSE server, or its nginx) and a contender, loads it the way the bench does
 (same pinning: the contender on core 1; back end, load and this process on core 0;
-1000 SSE streams, or wrk with 8 connections on 1 MiB bodies / 4 on 10 MiB uploads) and
-prints, per repetition and as medians, the latency or throughput and the contender's
-**CPU time per unit of work** (µs per SSE event, ms per MiB): the figure that survives a
-shared machine. Every repetition starts the contender afresh and warms it up first.
+1000 SSE streams, or wrk with 8 connections on 1 MiB bodies / 4 on 10 MiB uploads / 64
+on the 100-byte body) and prints, per repetition and as medians, the latency or
+throughput and the contender's **CPU time per unit of work** (µs per SSE event, ms per
+MiB, µs per request): the figure that survives a shared machine. Every repetition
+starts the contender afresh and warms it up first.
 
 Contenders (``--target``):
 
@@ -363,6 +364,23 @@ def _download_once(child: Child, duration: float, *, upload: int) -> dict[str, f
     }
 
 
+def _small_once(child: Child, duration: float) -> dict[str, float]:
+    tools = discover()
+    assert tools.wrk is not None, "wrk not found"
+    url = f"http://127.0.0.1:{child.port}/small"
+    wrk.run(tools.wrk, url, connections=64, duration=1)  # warm-up
+    before = child.cpu_seconds()
+    result = wrk.run(tools.wrk, url, connections=64, duration=duration)
+    used = child.cpu_seconds() - before
+    if result.errors or result.non_2xx or not result.requests:
+        raise SystemExit(f"wrk saw errors: {result}")
+    return {
+        "req_s": result.requests / duration,
+        "p99_ms": result.p99_ms,
+        "cpu_us_per_req": used * 1e6 / result.requests,
+    }
+
+
 def _measure(args: argparse.Namespace) -> None:
     pin_self(CORE_LOAD)
     raise_nofile_limit()
@@ -386,6 +404,8 @@ def _measure(args: argparse.Namespace) -> None:
                     if kind == "sse":
                         loadgen.sse_fanout(child.port, streams=args.streams, duration=1.0)  # warm
                         figures = _sse_once(child, args.streams, args.duration)
+                    elif args.scenario == "small":
+                        figures = _small_once(child, args.duration)
                     else:
                         upload = 10 * MIB if args.scenario == "upload" else 0
                         figures = _download_once(child, args.duration, upload=upload)
@@ -419,7 +439,7 @@ def main() -> None:
     modes = run.add_mutually_exclusive_group()
     modes.add_argument("--lowlevel", action="store_true", help="raw sockets, no SocketStream")
     modes.add_argument("--hub", action="store_true", help="one task relays every pair")
-    for name in ("sse", "download", "upload"):
+    for name in ("sse", "download", "upload", "small"):
         m = sub.add_parser(name, help=f"measure the {name} scenario")
         m.add_argument(
             "--target",
