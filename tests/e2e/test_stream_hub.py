@@ -497,3 +497,51 @@ async def test_drain_cuts_streams_in_the_hub_at_the_grace_and_exits(
     assert 0.5 <= cut_after < 1.5
     assert exited_after < 2.0
     assert proxy.returncode == 0
+
+
+@PARSERS
+@pytest.mark.parametrize("version", [b"HTTP/1.1", b"HTTP/1.0"])
+async def test_a_body_that_ends_when_the_upstream_closes_arrives_whole(
+    nursery: trio.Nursery, parser: str, version: bytes
+) -> None:
+    """No Content-Length, no chunking: the upstream's FIN is the body's end. The hub relays
+    it to an HTTP/1.1 client as a body that ends properly, byte for byte, and the
+    upstream connection, now closed, is not kept."""
+    target = f"/until-close/{parser}/{version.decode()}"
+    payloads = _events(target)
+    served: list[float] = []
+
+    async def handler(stream: trio.SocketStream) -> None:
+        buffer = b""
+        while b"\r\n\r\n" not in buffer:
+            buffer += await stream.receive_some(READ_SIZE)
+        await stream.send_all(
+            version + b" 200 OK\r\ncontent-type: text/event-stream\r\nconnection: close\r\n\r\n"
+        )
+        await trio.sleep(0.05)  # the proxy's relay finds the body not there yet
+        for i, data in enumerate(payloads):
+            await stream.send_all(data)
+            if i % 4 == 0:
+                await trio.sleep(0.005)
+        served.append(trio.current_time())
+        # Returning closes the connection with a FIN: the end of the body.
+
+    host, port = await serve_tcp_handler(handler, nursery)
+    async with run_proxy(
+        "--http", parser, "--upstream", f"http://{host}:{port}", "--log-level", "debug"
+    ) as proxy:
+        baseline = fd_count(proxy.pid)
+        with trio.fail_after(10):
+            stream = await open_request(proxy.host, proxy.port, _get(target))
+            try:
+                body, complete = await _read_body(stream, target)
+            finally:
+                await trio.aclose_forcefully(stream)
+            await _handovers(proxy, 1)
+            fds = await wait_for_fds(proxy.pid, lambda: baseline, within=2)
+        stderr = proxy.stderr()
+    assert served, "the upstream did not send its whole body"
+    assert complete, "the body did not end properly"
+    assert body == b"".join(payloads)
+    assert fds == baseline, "the closed upstream connection was kept"
+    assert "Traceback" not in stderr
