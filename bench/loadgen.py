@@ -21,6 +21,7 @@ import errno
 import os
 import selectors
 import socket
+import struct
 import time
 from collections.abc import Callable
 
@@ -266,8 +267,22 @@ async def open_idle(
     )
 
 
+#: ``SO_LINGER`` on, timeout 0: ``close`` sends an RST and leaves no TIME_WAIT behind.
+_LINGER_RESET = struct.pack("ii", 1, 0)
+
+
 async def close_all(streams: list[trio.SocketStream]) -> None:
+    """Close ``streams`` with an RST rather than a FIN.
+
+    A FIN from this side would leave every one of them in TIME_WAIT for 60 s: 10k per
+    idle measurement, reaped by the kernel during whichever scenarios run a minute
+    later. Nothing is lost: the connections are idle, between requests.
+    """
     for stream in streams:
+        try:
+            stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
+        except OSError:
+            pass  # already reset by the peer: closing it leaves nothing behind either
         await trio.aclose_forcefully(stream)
     streams.clear()
 
