@@ -125,6 +125,20 @@ class UpstreamConnectTimeout(UpstreamTimeout):
     reason = "upstream did not accept the connection in time"
 
 
+class LocalResourcesExhausted(ProxyError):
+    """The proxy could not open an upstream connection for want of its own resources:
+    file descriptors (``EMFILE``, ``ENFILE``), memory or buffers, or free local ports
+    (``EADDRNOTAVAIL``).
+
+    Not the upstream's failure: it counts against no breaker, health state or retry
+    budget, and the client gets 503 with ``Retry-After``, as for any overload.
+    """
+
+    status = 503
+    reason = "proxy out of connections"
+    headers = ((b"retry-after", b"1"),)
+
+
 class NoHealthyUpstream(ProxyError):
     status = 503
     reason = "no upstream available"

@@ -22,7 +22,7 @@ import attrs
 import trio
 
 from trioproxy.balance.target import Target
-from trioproxy.errors import ProxyError
+from trioproxy.errors import LocalResourcesExhausted, ProxyError
 from trioproxy.http.protocol import Body, ClientProtocol, EndOfMessage, RequestHead, ResponseHead
 from trioproxy.upstream.connection import Connector, open_connection
 
@@ -85,6 +85,10 @@ class HealthService:
 
     async def _probe_and_judge(self, target: Target, first: bool) -> None:
         ok, latency, detail = await self.probe(target)
+        if ok is None:
+            # The probe could not be made (see probe): no verdict on the target.
+            log.warning("health probe of %s not made: %s", target.name, detail)
+            return
         state = self.state(target)
         state.probes += 1
         if latency is not None:
@@ -116,8 +120,13 @@ class HealthService:
             if self.on_recovered is not None:
                 self.on_recovered(target)
 
-    async def probe(self, target: Target) -> tuple[bool, float | None, str]:
-        """One probe: (status expected, latency in seconds or None, what went wrong)."""
+    async def probe(self, target: Target) -> tuple[bool | None, float | None, str]:
+        """One probe: (status expected, latency in seconds or None, what went wrong).
+
+        The first is ``None`` when the proxy itself lacked the resources to open the
+        probe's connection (:class:`LocalResourcesExhausted`): that says nothing of the
+        target, and must not mark it down.
+        """
         settings = self.settings
         url = target.url
         path = (target.spec.health_path or settings.path).encode("ascii")
@@ -134,6 +143,8 @@ class HealthService:
         with trio.move_on_after(settings.timeout):
             try:
                 status = await self._exchange(target, head)
+            except LocalResourcesExhausted as exc:
+                return None, None, exc.detail
             except ProxyError as exc:
                 return False, None, exc.detail
             latency = trio.current_time() - started

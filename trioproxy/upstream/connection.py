@@ -6,6 +6,7 @@ errors and ``ssl`` errors become :mod:`trioproxy.errors` here and nowhere else.
 
 from __future__ import annotations
 
+import errno
 import select
 import ssl
 from collections.abc import Awaitable, Callable
@@ -13,6 +14,7 @@ from collections.abc import Awaitable, Callable
 import trio
 
 from trioproxy.errors import (
+    LocalResourcesExhausted,
     UpstreamClosed,
     UpstreamConnectError,
     UpstreamConnectTimeout,
@@ -172,6 +174,34 @@ class UpstreamConnection:
         await trio.aclose_forcefully(self.stream)
 
 
+#: Errors of ``socket()``/``connect()`` that say this process, not the upstream, ran out.
+_LOCAL_EXHAUSTION = frozenset(
+    {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM, errno.EADDRNOTAVAIL}
+)
+
+
+def _local_exhaustion(exc: BaseException) -> OSError | None:
+    """The ``OSError`` in ``exc`` that is a local exhaustion, if any.
+
+    ``trio.open_tcp_stream`` raises ``OSError("all attempts ... failed")`` from a group
+    of the attempts' own errors; a plain connector raises the ``OSError`` itself.
+    """
+    todo: list[BaseException] = [exc]
+    seen: set[int] = set()
+    while todo:
+        error = todo.pop()
+        if id(error) in seen:
+            continue
+        seen.add(id(error))
+        if isinstance(error, OSError) and error.errno in _LOCAL_EXHAUSTION:
+            return error
+        if isinstance(error, BaseExceptionGroup):
+            todo.extend(error.exceptions)
+        if error.__cause__ is not None:
+            todo.append(error.__cause__)
+    return None
+
+
 async def open_connection(
     origin: Origin,
     *,
@@ -208,6 +238,10 @@ async def open_connection(
     except (OSError, trio.BrokenResourceError, ssl.SSLError) as exc:
         if stream is not None:
             await trio.aclose_forcefully(stream)
+        if (local := _local_exhaustion(exc)) is not None:
+            raise LocalResourcesExhausted(
+                f"connecting to {origin}: {local.strerror} (this process's limit)"
+            ) from None
         # trio wraps a failed TLS handshake; the ssl error says why.
         cause = exc.__cause__ if isinstance(exc, trio.BrokenResourceError) else None
         raise UpstreamConnectError(f"{origin}: {cause or exc!r}") from None
