@@ -4,7 +4,8 @@ so that no contender always runs first (cold caches) or last (a warm, tired mach
 
 Each measurement starts its contender afresh (so its peak RSS belongs to that scenario
 alone), waits until ``/ready`` answers through it, warms it up, measures, and stops it.
-The in-process ceiling is measured once per repetition, between contenders.
+The ceiling (``bench/ceiling.py``) is measured once per repetition, before the
+contenders, in a fresh process pinned to the contenders' core.
 """
 
 from __future__ import annotations
@@ -163,7 +164,8 @@ def run(plan: Plan, tools: Tools, workdir: Path, progress: Progress) -> Outcome:
             backends[kind] = child
         for rep in range(plan.reps):
             progress.status(f"rep {rep + 1}/{plan.reps} · ceiling (in-process cycle cost)")
-            costs = ceiling.measure(budget_s=plan.ceiling_budget)
+            core = procs.CORE_PROXY if procs.cores_available() else None
+            costs = ceiling.measure_on_core(core, budget_s=plan.ceiling_budget)
             outcome.ceilings.append(costs)
             progress.finished(
                 f"rep {rep + 1} ceiling: "
