@@ -111,7 +111,18 @@ class UpstreamPool:
             if waited.cancelled_caught:
                 raise PoolTimeout(f"{origin}: {self.max_per_origin} connections busy") from None
         try:
-            conn = await self._take_idle(pool) if not fresh else None
+            conn = None
+            if not fresh and (idle := pool.idle):
+                # The common case inline (an awaited coroutine costs as much as
+                # the check): the newest idle connection, idle under a second.
+                newest = idle[-1]
+                now = trio.current_time()
+                if now - newest.idle_since < _CHECK_IDLE_AFTER and (
+                    newest.idle_since >= now - self.idle_timeout
+                ):
+                    conn = idle.pop()
+                else:
+                    conn = await self._take_idle(pool)
             if conn is None:
                 conn = await open_connection(
                     origin,
@@ -133,9 +144,11 @@ class UpstreamPool:
             if conn.clean and conn.protocol.reusable:
                 conn.protocol.start_next_cycle()
                 conn.exchanges += 1
-                conn.idle_since = trio.current_time()
-                pool.idle.append(conn)
-                await self._close_expired(pool)
+                conn.idle_since = now = trio.current_time()
+                idle = pool.idle
+                idle.append(conn)
+                if idle[0].idle_since < now - self.idle_timeout:
+                    await self._close_expired(pool, now)
             else:
                 with trio.CancelScope(shield=True):
                     await conn.aclose()
@@ -161,9 +174,9 @@ class UpstreamPool:
                 await conn.aclose()
         return None
 
-    async def _close_expired(self, pool: _OriginPool) -> None:
+    async def _close_expired(self, pool: _OriginPool, now: float) -> None:
         # The list is ordered by idle_since: expired connections sit at its front.
-        deadline = trio.current_time() - self.idle_timeout
+        deadline = now - self.idle_timeout
         while pool.idle and pool.idle[0].idle_since < deadline:
             with trio.CancelScope(shield=True):
                 await pool.idle.pop(0).aclose()
