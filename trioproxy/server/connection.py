@@ -195,6 +195,8 @@ class ClientConnection:
                         if waiting.cancel_called:
                             return None  # complete, but after its deadline: 408
                     self._in_head = False
+                    if event.target.startswith(b"/") and event.method != b"CONNECT":
+                        return event  # what _admit passes, without awaiting it
                     return await self._admit(event)
                 if type(event) is ConnectionClosed or event is PAUSED:
                     return None
@@ -336,7 +338,14 @@ class ClientConnection:
             parts.append(self.protocol.send_head(head))
             self._response_started = True
         self._frame_into(parts, chunks, end)
-        await self._send(parts[0] if len(parts) == 1 else b"".join(parts))
+        # _send's body, not a call to it: one coroutine fewer per response.
+        try:
+            await self.stream.send_all(parts[0] if len(parts) == 1 else b"".join(parts))
+        except BaseException as exc:
+            self.protocol.send_failed()
+            if isinstance(exc, (trio.BrokenResourceError, trio.ClosedResourceError, OSError)):
+                raise ClientDisconnected(repr(exc)) from None
+            raise
 
     def _frame_into(self, parts: list[bytes], chunks: list[bytes], end: bool) -> None:
         """Append the bytes that carry body ``chunks`` (and the end, if ``end``)."""
