@@ -234,6 +234,9 @@ class Engine:
     #: Relays streamed response bodies in one task (see ``_relay_rest``); None: every
     #: body is relayed by its exchange's own task.
     hub: StreamHub | None = None
+    #: trio's clock: ``trio.current_time``, or the same reading straight from the
+    #: run's clock (see ``ProxyServer.run``).
+    current_time: Callable[[], float] = trio.current_time
 
     async def handle(
         self, request: RequestHead, downstream: Downstream, record: ExchangeLog
@@ -253,10 +256,10 @@ class Engine:
         chunked = body.present and get_first(request.headers, b"content-length") is None
         policy = self.retry
         tried: list[Target] = []
-        self.budget.record_request(trio.current_time())
+        self.budget.record_request(self.current_time())
         last_error: ProxyError | None = None
         for attempt in range(policy.max_attempts):
-            now = trio.current_time()
+            now = self.current_time()
             if attempt:
                 if not self.budget.can_retry(now) or not self.balancer.has_candidate(
                     now, exclude=tried
@@ -267,7 +270,7 @@ class Engine:
                 # slot) is made when the request really goes out.
                 await trio.sleep(policy.backoff(attempt - 1, self.rng))
                 try:
-                    target = self.balancer.pick(request, now=trio.current_time(), exclude=tried)
+                    target = self.balancer.pick(request, now=self.current_time(), exclude=tried)
                 except NoHealthyUpstream:
                     break
                 log.info(
@@ -286,8 +289,8 @@ class Engine:
                     and idempotent
                     and status in policy.retry_on_status
                     and body.replayable
-                    and self.budget.can_retry(trio.current_time())
-                    and self.balancer.has_candidate(trio.current_time(), exclude=tried)
+                    and self.budget.can_retry(self.current_time())
+                    and self.balancer.has_candidate(self.current_time(), exclude=tried)
                 )
 
             try:
@@ -333,7 +336,7 @@ class Engine:
             headers=headers,
         )
         balancer = self.balancer
-        started = trio.current_time()
+        started = self.current_time()
         target.inflight += 1  # balancer.track, inlined on the hot path
         try:
             try:
@@ -341,26 +344,26 @@ class Engine:
                     origin, upstream_request, body, downstream, record, retry_status
                 )
             except (UpstreamConnectError, UpstreamConnectTimeout) as exc:
-                balancer.on_failure(target, trio.current_time())
+                balancer.on_failure(target, self.current_time())
                 raise _Unsent(exc) from None
             except PoolTimeout as exc:
-                balancer.on_cancelled(target, trio.current_time())
+                balancer.on_cancelled(target, self.current_time())
                 raise _Unsent(exc) from None
             except UpstreamBrokenMidBody:
-                balancer.on_failure(target, trio.current_time())
+                balancer.on_failure(target, self.current_time())
                 raise
             except (UpstreamError, UpstreamTimeout) as exc:
                 # Before any response byte reached the client.
-                balancer.on_failure(target, trio.current_time())
+                balancer.on_failure(target, self.current_time())
                 if isinstance(exc, _DiscardedResponse):
                     exc = UpstreamError(exc.detail)
                 raise _Failed(exc) from None
             except BaseException:
-                balancer.on_cancelled(target, trio.current_time())
+                balancer.on_cancelled(target, self.current_time())
                 raise
         finally:
             target.inflight -= 1
-        now = trio.current_time()
+        now = self.current_time()
         if record.status >= 500:
             balancer.on_failure(target, now)
         else:
@@ -538,7 +541,7 @@ class Engine:
         """The client's response head, made from the upstream's (see ``_read_head``)."""
         if not isinstance(event, ResponseHead):
             raise UpstreamClosed(f"{conn.origin}: expected a response head, got {event!r}")
-        record.head_at = trio.current_time()
+        record.head_at = self.current_time()
         if event.status_code >= 500 and retry_status(event.status_code):
             raise _DiscardedResponse(event.status_code)
         record.status = event.status_code
@@ -598,7 +601,7 @@ class Engine:
             sink = downstream.hub_sink()
         timeout = self.read_timeout
         slack = timeout / 16
-        deadline = trio.current_time() + timeout
+        deadline = self.current_time() + timeout
         reading = trio.CancelScope(deadline=deadline)
         sending = False
         try:
@@ -618,12 +621,12 @@ class Engine:
                         chunks, end = [], True
                     else:
                         raise UpstreamClosed(f"{conn.origin}: unexpected {event!r} in body")
-                    if (now := trio.current_time()) + timeout > deadline:
+                    if (now := self.current_time()) + timeout > deadline:
                         reading.deadline = deadline = now + timeout + slack
                     sending = True
                     await downstream.send_parts(None, chunks, end)
                     sending = False
-                    if (now := trio.current_time()) + timeout > deadline:
+                    if (now := self.current_time()) + timeout > deadline:
                         reading.deadline = deadline = now + timeout + slack
         except UpstreamError as exc:
             raise UpstreamBrokenMidBody(f"{conn.origin}: {exc.detail}") from None
@@ -640,7 +643,7 @@ class Engine:
             conn.protocol,
             sink,
             origin=str(conn.origin),
-            last_progress=trio.current_time(),
+            last_progress=self.current_time(),
         )
         try:
             await hub.relay(stream, timeout)

@@ -73,6 +73,8 @@ class UpstreamPool:
     connector: Connector | None = None
     #: The parser seam's client implementation (see trioproxy.http.parsers).
     protocol_factory: Callable[[int], ClientProtocol] = H11Client
+    #: trio's clock (see ``Engine.current_time``).
+    current_time: Callable[[], float] = trio.current_time
     _pools: dict[Origin, _OriginPool] = attrs.field(factory=dict, init=False)
 
     def _pool_for(self, origin: Origin) -> _OriginPool:
@@ -116,7 +118,7 @@ class UpstreamPool:
                 # The common case inline (an awaited coroutine costs as much as
                 # the check): the newest idle connection, idle under a second.
                 newest = idle[-1]
-                now = trio.current_time()
+                now = self.current_time()
                 if now - newest.idle_since < _CHECK_IDLE_AFTER and (
                     newest.idle_since >= now - self.idle_timeout
                 ):
@@ -144,7 +146,7 @@ class UpstreamPool:
             if conn.clean and conn.protocol.reusable:
                 conn.protocol.start_next_cycle()
                 conn.exchanges += 1
-                conn.idle_since = now = trio.current_time()
+                conn.idle_since = now = self.current_time()
                 idle = pool.idle
                 idle.append(conn)
                 if idle[0].idle_since < now - self.idle_timeout:
@@ -162,7 +164,7 @@ class UpstreamPool:
         less than a second: a server closing a connection that soon after a
         complete response says ``Connection: close`` in it, which we honour.
         """
-        now = trio.current_time()
+        now = self.current_time()
         deadline = now - self.idle_timeout
         while pool.idle:
             conn = pool.idle.pop()
