@@ -129,8 +129,18 @@ def has_token(headers: Headers, name: bytes, token: bytes) -> bool:
 
 def _drop_set(headers: Headers, base: frozenset[bytes]) -> frozenset[bytes]:
     """``base`` plus the field names listed in ``Connection`` (RFC 9110 §7.6.1)."""
-    named = [token for token in comma_tokens(headers, b"connection") if token not in base]
-    # Usually empty: "Connection: keep-alive" / "close" name nothing new.
+    # comma_tokens' reading, in the same pass and with no list built: this runs
+    # twice per proxied request.
+    named: set[bytes] | None = None
+    for field_name, value in headers:
+        if field_name == b"connection":
+            for part in value.lower().split(b","):
+                token = part.strip(_OWS)
+                if token and token not in base:
+                    if named is None:
+                        named = set()
+                    named.add(token)
+    # Usually None: "Connection: keep-alive" / "close" name nothing new.
     return base.union(named) if named else base
 
 
