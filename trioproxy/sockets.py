@@ -205,6 +205,9 @@ ACCEPT_BATCH = 128
 
 # Errors of accept(2) that concern only the connection being accepted (as trio's).
 _ACCEPT_SKIP_ERRNOS = frozenset({errno.ECONNABORTED, errno.EPROTO, errno.EPERM})
+#: What ``accept``/``socket``/``connect`` fail with when this process or the system is
+#: out of descriptors, memory or buffers: the proxy's own limit, not a peer's fault.
+CAPACITY_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
 
 
 class ReadyAcceptor:

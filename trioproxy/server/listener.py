@@ -19,7 +19,6 @@ left is cancelled and closed.
 
 from __future__ import annotations
 
-import errno
 import logging
 import signal
 import ssl
@@ -39,13 +38,12 @@ from trioproxy.http.parsers import client_factory, server_factory
 from trioproxy.relay_hub import StreamHub
 from trioproxy.server.connection import ClientConnection, ServerState
 from trioproxy.server.websocket import WebSocketSettings
-from trioproxy.sockets import ACCEPT_BATCH, FastSocketStream, ReadyAcceptor
+from trioproxy.sockets import ACCEPT_BATCH, CAPACITY_ERRNOS, FastSocketStream, ReadyAcceptor
 from trioproxy.upstream.pool import UpstreamPool
 
 log = logging.getLogger("trioproxy.server")
 
 # Accept errors that mean "out of a resource, try again shortly" (as in trio.serve_listeners).
-_ACCEPT_CAPACITY_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
 
 
 def make_ssl_context(config: Config) -> ssl.SSLContext:
@@ -241,7 +239,7 @@ class ProxyServer:
                         break
                     handlers.start_soon(self._serve_connection, more)
             except OSError as exc:
-                if exc.errno in _ACCEPT_CAPACITY_ERRNOS:
+                if exc.errno in CAPACITY_ERRNOS:
                     log.error("accept: %s; retrying in 100 ms", exc.strerror)
                     await trio.sleep(0.1)
                     continue

@@ -22,7 +22,7 @@ from trioproxy.errors import (
 )
 from trioproxy.http.h11_impl import H11Client
 from trioproxy.http.protocol import NEED_DATA, ClientProtocol, Event, _Sentinel
-from trioproxy.sockets import FastSocketStream, receive_ready, socket_of
+from trioproxy.sockets import CAPACITY_ERRNOS, FastSocketStream, receive_ready, socket_of
 from trioproxy.upstream.origin import Origin
 
 READ_SIZE = 65536
@@ -181,10 +181,9 @@ class UpstreamConnection:
         await trio.aclose_forcefully(self.stream)
 
 
-#: Errors of ``socket()``/``connect()`` that say this process, not the upstream, ran out.
-_LOCAL_EXHAUSTION = frozenset(
-    {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM, errno.EADDRNOTAVAIL}
-)
+#: Errors of ``socket()``/``connect()`` that say this process, not the upstream, ran
+#: out: descriptors, memory, buffers, or free local ports (``EADDRNOTAVAIL``).
+_LOCAL_EXHAUSTION = CAPACITY_ERRNOS | {errno.EADDRNOTAVAIL}
 
 
 def _local_exhaustion(exc: BaseException) -> OSError | None:
