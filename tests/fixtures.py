@@ -32,6 +32,8 @@ import trio
 from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio import serve as hypercorn_serve
 
+from trioproxy.observe.log_output import FLUSH_EVERY_S
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 #: How long ``run_proxy`` waits for the ``listening on`` line, by default.
@@ -207,6 +209,16 @@ class ProxyProcess:
     def stderr(self) -> str:
         """What the proxy wrote to stderr so far (its log)."""
         return self._stderr.decode(errors="replace")
+
+    async def settled_stderr(self) -> str:
+        """stderr once the proxy has written out what it logged until now.
+
+        Its log goes through a writer thread that writes every ``FLUSH_EVERY_S``
+        (trioproxy.observe.log_output); read after a few of those, so that a check
+        that something is *not* in the log sees the lines of everything before it.
+        """
+        await trio.sleep(4 * FLUSH_EVERY_S)
+        return self.stderr()
 
     async def wait_for_stderr(self, needle: str) -> str:
         """Wait until ``needle`` shows up in stderr; return all of stderr then.

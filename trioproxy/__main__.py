@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import logging
 import sys
 from collections.abc import Sequence
 from typing import NoReturn
@@ -20,6 +19,7 @@ from trioproxy.balance.strategies import make_strategy
 from trioproxy.balance.target import TargetSpec
 from trioproxy.config import Config, ConfigError, parse_target
 from trioproxy.http.parsers import PARSER_CHOICES
+from trioproxy.observe import log_output
 from trioproxy.upstream.origin import UpstreamURL
 
 _LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
@@ -466,11 +466,7 @@ async def _main(config: Config) -> int:
 
 def main(argv: Sequence[str] | None = None) -> None:
     config = config_from_args(argv)
-    logging.basicConfig(
-        level=config.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    log_output.install(config.log_level, "%(asctime)s %(levelname)s %(name)s: %(message)s")
     status = 0
     try:
         status = trio.run(_main, config)

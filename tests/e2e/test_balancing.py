@@ -447,5 +447,5 @@ async def test_the_first_probe_round_ends_before_the_proxy_listens(nursery: trio
             replies = [await client.get() for _ in range(10)]
         assert statuses(replies) == {200: 10}
         assert {r.body for r in replies} == {b"slow", b"own"}
-        assert "retrying" not in proxy.stderr()
+        assert "retrying" not in await proxy.settled_stderr()
     print(f"start with a 0.5 s probe answer: listening {listening - started:.3f} s after launch")

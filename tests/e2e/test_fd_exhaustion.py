@@ -79,7 +79,7 @@ async def test_out_of_descriptors_answers_503_then_serves_at_once(upstream: str)
             assert await wait_until(lambda: fd_count(proxy.pid) < LIMIT // 2, within=3)
             async with httpx.AsyncClient(timeout=5, trust_env=False) as client:
                 after = await client.get(f"{proxy.url}/")
-        stderr = proxy.stderr()
+        stderr = await proxy.settled_stderr()
     statuses = [status for status, _, _ in answers]
     assert statuses == [503] * ASKING, statuses
     for _, head, body in answers:

@@ -503,7 +503,7 @@ async def test_mutated_requests_get_a_valid_answer_and_smuggle_nothing(
         outcomes = await fuzz(proxy, upstream, CASES)
         elapsed = trio.current_time() - started
         assert proxy.returncode is None, proxy.stderr()
-        log = proxy.stderr()
+        log = await proxy.settled_stderr()
 
     failures = []
     for case in CASES:

@@ -90,7 +90,7 @@ async def test_200_aborted_downloads_release_fds_upstreams_and_memory(
             fds = await wait_for_fds(proxy.pid, lambda: baseline, within=3)
             await wait_until(lambda: len(record.closed) == len(targets), within=2)
             rss_end = rss.process.memory_info().rss
-        stderr = proxy.stderr()
+        stderr = await proxy.settled_stderr()
     release = sorted(_release_times(record, left_at))
     print(
         f"\n200 aborts: fds baseline {baseline}, after {fds}; upstream accepted "
@@ -336,7 +336,7 @@ async def test_fds_return_to_baseline_after_a_mixed_run(nursery: trio.Nursery) -
             await wait_until(lambda: record.open == record.idle_keepalive, within=1)
             # Read now: the pooled connections close when the proxy exits.
             pooled, still_open = record.idle_keepalive, record.open
-        stderr = proxy.stderr()
+        stderr = await proxy.settled_stderr()
     print(
         f"\nmixed run of {len(plan)}: fds baseline {baseline}, after {fds} "
         f"(with {pooled} pooled keep-alive upstream connections); upstream "
@@ -373,7 +373,7 @@ async def test_error_answer_to_a_closing_client_ends_cleanly(
             # The handler's failure, if any, is logged just after the connection closed.
             with trio.move_on_after(0.5):
                 await proxy.wait_for_stderr("connection handler failed")
-        stderr = proxy.stderr()
+        stderr = await proxy.settled_stderr()
     assert answer.startswith(b"HTTP/1.1 502 ")
     assert b"\r\nconnection: close\r\n" in answer.lower()
     assert "connection handler failed" not in stderr
