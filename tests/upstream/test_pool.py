@@ -49,8 +49,8 @@ def make_pool(upstream: FakeUpstream, **settings: Any) -> UpstreamPool:
 
 async def send_request(conn: UpstreamConnection, target: bytes = b"/") -> None:
     protocol = conn.protocol
-    await conn.send(protocol.send_head(RequestHead(b"GET", target, [(b"host", b"up.test")])))
-    await conn.send(protocol.send_end())
+    await conn.send_mapped(protocol.send_head(RequestHead(b"GET", target, [(b"host", b"up.test")])))
+    await conn.send_mapped(protocol.send_end())
 
 
 async def read_response(conn: UpstreamConnection) -> tuple[ResponseHead, bytes]:

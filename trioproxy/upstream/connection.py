@@ -73,21 +73,14 @@ class UpstreamConnection:
     def reused(self) -> bool:
         return self.exchanges > 0
 
-    async def send(self, data: bytes) -> None:
-        if not data:
-            return
-        try:
-            await self.stream.send_all(data)
-        except BaseException:
-            self.protocol.send_failed()
-            raise
-        # Mapped after send_failed so that cancellation is also recorded.
-
     async def send_mapped(self, data: bytes) -> None:
-        """``send``, with the stream's errors mapped to ``UpstreamClosed``."""
+        """Send ``data``; the stream's errors become ``UpstreamClosed``.
+
+        Any failure, cancellation included, is recorded first (``send_failed``): the
+        connection is not reusable after a write that may have been cut short.
+        """
         if not data:
             return
-        # send's body, not a call to it: one coroutine fewer per request.
         try:
             await self.stream.send_all(data)
         except BaseException as exc:
