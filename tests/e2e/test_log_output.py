@@ -140,3 +140,28 @@ def test_records_are_dropped_and_counted_while_the_pipe_is_full() -> None:
         handler.close()
         os.close(read_end)
         os.close(write_end)
+
+
+def test_close_writes_the_last_lines_and_returns_at_once() -> None:
+    """Closing while the writer gathers a batch (the exit right after a log line):
+    the line is written and close() does not sit out its 1 s wait."""
+    read_end, write_end = os.pipe()
+    handler = QueuedStderrHandler(write_end)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    record = logging.makeLogRecord({"msg": "stopped", "levelno": logging.INFO})
+    try:
+        for _ in range(5):
+            handler.handle(record)
+            time.sleep(0.01)  # the writer is now in its gather sleep
+            started = time.monotonic()
+            handler.close()
+            took = time.monotonic() - started
+            assert took < 0.5, f"close() took {took:.2f} s"
+            handler = QueuedStderrHandler(write_end)
+            handler.setFormatter(logging.Formatter("%(message)s"))
+        os.set_blocking(read_end, False)
+        assert _read_available(read_end) == b"stopped\n" * 5
+    finally:
+        handler.close()
+        os.close(read_end)
+        os.close(write_end)

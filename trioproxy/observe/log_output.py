@@ -6,10 +6,12 @@ run with ``stderr=PIPE`` by a parent that does not read it, the proxy stopped
 answering after ~400 access-log lines (64 KiB).
 
 :class:`QueuedStderrHandler` formats each record where it is logged and appends
-the line to a bounded deque; one writer thread wakes every ``FLUSH_EVERY_S``, takes
-what is there and writes it with one ``os.write``. The logging side takes no lock
-and wakes no thread (a ``queue.Queue`` that woke the writer per record cost ~70 µs
-of CPU per request at ``--log-level info``, +25 %). When stderr is not being read
+the line to a bounded deque. The first line after the writer thread last took
+the deque wakes it; it gathers lines for ``FLUSH_EVERY_S`` and writes them with one
+``os.write``. So the logging side wakes the writer at most ~20 times a second under
+load, and an idle proxy's writer sleeps (a ``queue.Queue`` that woke the writer per
+record cost ~70 µs of CPU per request at ``--log-level info``, +25 %). When stderr
+is not being read
 the writer waits in the kernel, the deque fills, and further records are counted
 and dropped, never waited for; once stderr takes bytes again the writer says how
 many were lost.
@@ -23,11 +25,13 @@ import os
 import select
 import sys
 import threading
+import time
 
 #: Lines held for the writer thread before records are dropped (~1.5 MiB of
 #: access-log lines).
 QUEUE_LINES = 10_000
-#: How often the writer thread looks for lines: the most a line waits to be written.
+#: How long the writer thread gathers lines once woken: about the most a line waits
+#: to be written.
 FLUSH_EVERY_S = 0.05
 #: How long closing waits for the writer thread to write what is queued.
 CLOSE_WAIT_S = 1.0
@@ -46,7 +50,11 @@ class QueuedStderrHandler(logging.Handler):
         #: Records dropped because ``capacity`` lines were waiting; only the logging
         #: side writes it.
         self.dropped = 0
-        self._stopping = threading.Event()
+        # Set by the first line the writer has not been woken for; cleared when it
+        # takes the deque. ``_woken`` spares the logging side all but that one set().
+        self._wake = threading.Event()
+        self._woken = False
+        self._stopping = False
         self._writer = threading.Thread(
             target=self._write_lines, name="trioproxy-log-writer", daemon=True
         )
@@ -62,12 +70,16 @@ class QueuedStderrHandler(logging.Handler):
             self._lines.append(line)
         else:
             self.dropped += 1
+        if not self._woken:
+            self._woken = True
+            self._wake.set()
 
     def close(self) -> None:
         """Write what is queued, waiting at most ``CLOSE_WAIT_S``: an exit never
         hangs on a stderr that nobody reads."""
-        if not self._stopping.is_set():
-            self._stopping.set()
+        if not self._stopping:
+            self._stopping = True
+            self._wake.set()
             self._writer.join(CLOSE_WAIT_S)
         super().close()
 
@@ -75,7 +87,12 @@ class QueuedStderrHandler(logging.Handler):
         reported = 0
         lines = self._lines
         while True:
-            stop = self._stopping.wait(FLUSH_EVERY_S)
+            self._wake.wait()
+            if not self._stopping:
+                time.sleep(FLUSH_EVERY_S)  # let a batch gather
+            # Cleared before the deque is taken: a line added after this wakes us again.
+            self._wake.clear()
+            self._woken = False
             batch = [lines.popleft() for _ in range(len(lines))]
             lost = self.dropped - reported
             if lost:
@@ -83,7 +100,9 @@ class QueuedStderrHandler(logging.Handler):
                 batch.append(self._dropped_line(lost))
             if batch:
                 self._write("\n".join(batch) + "\n")
-            if stop and not lines:
+            # Read now, not before the sleep: close() may have set it (and the wake
+            # we just cleared) meanwhile.
+            if self._stopping and not lines:
                 return
 
     def _dropped_line(self, lost: int) -> str:
