@@ -23,7 +23,6 @@ trio scheduling, header rules, pooling) takes.
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import statistics
 import subprocess
@@ -289,20 +288,14 @@ def measure_on_core(core: int | None, *, budget_s: float = 1.0) -> list[CycleCos
     return [CycleCost(name, None, reason) for name in IMPLEMENTATIONS]
 
 
-def _tune_gc_like_trioproxy() -> None:
-    from trioproxy.__main__ import GC_GEN0_THRESHOLD
-
-    gc.collect()
-    gc.freeze()
-    gc.set_threshold(GC_GEN0_THRESHOLD, 10, 10)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.ceiling", description=__doc__)
     parser.add_argument("--budget", type=float, default=1.0, help="seconds per implementation")
     parser.add_argument("--json", action="store_true", help="print JSON (for the bench)")
     args = parser.parse_args()
-    _tune_gc_like_trioproxy()
+    from trioproxy.__main__ import tune_gc
+
+    tune_gc()
     costs = measure(budget_s=args.budget)
     if args.json:
         print(json.dumps({cost.name: cost.to_json() for cost in costs}))

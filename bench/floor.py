@@ -44,7 +44,6 @@ from __future__ import annotations
 
 import argparse
 import errno
-import gc
 import os
 import select
 import socket
@@ -251,11 +250,10 @@ async def relay(port: int, upstream: tuple[str, int], mode: str = "stream") -> N
         await trio.serve_tcp(handler, port, host="127.0.0.1", backlog=4096)
         return
 
-    # As trioproxy does (``trioproxy.__main__._tune_gc``): the hub's floor is measured
-    # under the collector settings the proxy runs with.
-    gc.collect()
-    gc.freeze()
-    gc.set_threshold(10_000, 10, 10)
+    # The hub's floor is measured under the collector settings the proxy runs with.
+    from trioproxy.__main__ import tune_gc
+
+    tune_gc()
     hub = _Hub()
 
     async def hub_handler(client: trio.SocketStream) -> None:

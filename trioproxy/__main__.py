@@ -25,7 +25,7 @@ from trioproxy.upstream.origin import UpstreamURL
 _LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
 
 #: Container allocations between two collections of CPython's youngest GC
-#: generation (CPython's default: 700). See :func:`_tune_gc`.
+#: generation (CPython's default: 700). See :func:`tune_gc`.
 GC_GEN0_THRESHOLD = 10_000
 
 
@@ -418,8 +418,11 @@ def config_from_args(argv: Sequence[str] | None = None) -> Config:
         parser.error(f"--{exc}")
 
 
-def _tune_gc() -> None:
+def tune_gc() -> None:
     """Collect less often, and never walk what was built at start again.
+
+    Also called by ``bench.ceiling`` and ``bench.floor``, so that what they measure
+    runs under the proxy's own collector settings.
 
     A relay allocates a few short-lived containers per chunk (trio's outcome
     and trap objects, event objects); with the default threshold of 700 the
@@ -456,7 +459,7 @@ async def _main(config: Config) -> int:
             )
             nursery.cancel_scope.cancel()
             return 1
-        _tune_gc()
+        tune_gc()
         addresses = await nursery.start(server.run)
         announce(addresses)
         await server.wait_stopped()
