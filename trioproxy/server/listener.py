@@ -43,8 +43,6 @@ from trioproxy.upstream.pool import UpstreamPool
 
 log = logging.getLogger("trioproxy.server")
 
-# Accept errors that mean "out of a resource, try again shortly" (as in trio.serve_listeners).
-
 
 def make_ssl_context(config: Config) -> ssl.SSLContext:
     """Client-side TLS for https upstreams: verification on unless ``insecure``."""
