@@ -15,8 +15,8 @@ import sys
 import httpx
 import pytest
 import trio
-from e2e.resources import fd_count, wait_until
-from fixtures import REPO_ROOT, read_head, run_listening_process
+from e2e.resources import Head, fd_count, receive_head, wait_until
+from fixtures import REPO_ROOT, run_listening_process
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -35,22 +35,16 @@ CLIENTS = 80
 ASKING = 8
 
 
-async def _answer(stream: trio.SocketStream) -> tuple[int, bytes, bytes]:
-    """Status, head and body of one response (the body framed by Content-Length)."""
-    data = await read_head(stream)
-    head, _, body = data.partition(b"\r\n\r\n")
-    status = int(head.split(b" ", 2)[1])
-    length = 0
-    for line in head.lower().split(b"\r\n")[1:]:
-        name, _, value = line.partition(b":")
-        if name == b"content-length":
-            length = int(value)
+async def _answer(stream: trio.SocketStream) -> tuple[Head, bytes]:
+    """Head and body of one response (the body framed by Content-Length)."""
+    head, body = await receive_head(stream)
+    length = int(head.headers.get(b"content-length", b"0"))
     while len(body) < length:
         chunk = await stream.receive_some(65536)
         if not chunk:
             break
         body += chunk
-    return status, head, body
+    return head, body
 
 
 async def test_out_of_descriptors_answers_503_then_serves_at_once(upstream: str) -> None:
@@ -80,10 +74,10 @@ async def test_out_of_descriptors_answers_503_then_serves_at_once(upstream: str)
             async with httpx.AsyncClient(timeout=5, trust_env=False) as client:
                 after = await client.get(f"{proxy.url}/")
         stderr = await proxy.settled_stderr()
-    statuses = [status for status, _, _ in answers]
+    statuses = [head.status for head, _ in answers]
     assert statuses == [503] * ASKING, statuses
-    for _, head, body in answers:
-        assert b"\r\nretry-after: 1" in head.lower(), head
+    for head, body in answers:
+        assert head.headers.get(b"retry-after") == b"1", head
         assert body.startswith(b"503") and len(body) < 200, body
         assert b"Traceback" not in body and b"Errno" not in body, body
     # The upstream was never at fault: no breaker opened, no health verdict changed.
