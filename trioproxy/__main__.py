@@ -17,7 +17,8 @@ import trio
 
 from trioproxy.balance.strategies import make_strategy
 from trioproxy.balance.target import TargetSpec
-from trioproxy.config import Config, ConfigError, parse_target
+from trioproxy.config import ConfigError, parse_target
+from trioproxy.config.flat import FlatConfig as Config
 from trioproxy.http.parsers import PARSER_CHOICES
 from trioproxy.observe import log_output
 from trioproxy.upstream.origin import UpstreamURL

@@ -32,7 +32,7 @@ from trioproxy.balance.health import HealthService, HealthSettings
 from trioproxy.balance.retry import RetryBudget, RetryPolicy
 from trioproxy.balance.strategies import make_strategy
 from trioproxy.balance.target import Target
-from trioproxy.config import Config
+from trioproxy.config.flat import FlatConfig as Config
 from trioproxy.engine import Engine
 from trioproxy.http.parsers import client_factory, server_factory
 from trioproxy.relay_hub import StreamHub

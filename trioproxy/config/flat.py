@@ -1,7 +1,8 @@
-"""Configuration: frozen data, validated once at start.
+"""The command line's flags as one flat record, and ``--upstream`` option parsing.
 
-Sources (lowest to highest precedence, as they are added): built-in defaults,
-then the command line. Every validation error names the field and the value.
+Transitional: ``to_config`` turns the flags into the nested model
+(:mod:`trioproxy.config.model`): one route ``default`` over one upstream group
+``default``.
 """
 
 from __future__ import annotations
@@ -10,13 +11,24 @@ from typing import Any
 
 import attrs
 
+from trioproxy.balance.balancer import BreakerSettings
+from trioproxy.balance.health import HealthSettings
 from trioproxy.balance.target import TargetSpec
+from trioproxy.config.errors import ConfigError
+from trioproxy.config.model import (
+    AdminSettings,
+    Config,
+    PassiveSettings,
+    PoolSettings,
+    RetrySettings,
+    RouteSettings,
+    ServerSettings,
+    Timeouts,
+    UpstreamGroup,
+    UpstreamTLS,
+)
 from trioproxy.http.parsers import resolve
 from trioproxy.upstream.origin import BadUpstreamURL, UpstreamURL
-
-
-class ConfigError(ValueError):
-    """A configuration value that cannot be used; the message is one line for the operator."""
 
 
 def _positive(instance: object, attribute: attrs.Attribute[Any], value: float) -> None:
@@ -30,7 +42,7 @@ def _non_negative(instance: object, attribute: attrs.Attribute[Any], value: floa
 
 
 @attrs.frozen(kw_only=True)
-class Config:
+class FlatConfig:
     upstreams: tuple[TargetSpec, ...] = ()
     host: str = "127.0.0.1"
     port: int = attrs.field(default=8080)
@@ -138,3 +150,64 @@ def parse_target(text: str) -> TargetSpec:
                 raise ConfigError(f"{text!r}: {key} must be a whole number >= 1, got {value!r}")
             values[key] = int(value)
     return TargetSpec(url=url, **values)  # type: ignore[arg-type]
+
+
+def to_config(flat: FlatConfig) -> Config:
+    """The nested model for what the flags say: one route ``default`` over one group
+    ``default`` (every command line of before the config file keeps working)."""
+    group = UpstreamGroup(
+        name="default",
+        servers=flat.upstreams,
+        strategy=flat.strategy,
+        health=HealthSettings(
+            enabled=flat.health_check,
+            method=flat.health_method.encode("ascii"),
+            path=flat.health_path,
+            interval=flat.health_interval,
+            timeout=flat.health_timeout,
+            rise=flat.health_rise,
+            fall=flat.health_fall,
+        ),
+        passive=PassiveSettings(eject_after=flat.eject_after, eject_for=flat.eject_for),
+        breaker=BreakerSettings(
+            failure_threshold=flat.breaker_failures,
+            window=flat.breaker_window,
+            open_for=flat.breaker_open_for,
+            half_open_max=flat.breaker_half_open,
+            success_threshold=flat.breaker_successes,
+        ),
+        retry=RetrySettings(
+            attempts=flat.retries, budget=flat.retry_budget, replay_limit=flat.retry_replay_limit
+        ),
+        pool=PoolSettings(
+            max_connections=flat.max_connections_per_upstream,
+            idle_timeout=flat.upstream_idle_timeout,
+            timeout=flat.pool_timeout,
+        ),
+        timeouts=Timeouts(connect=flat.connect_timeout, read=flat.read_timeout),
+        tls=UpstreamTLS(verify=not flat.insecure, ca=flat.upstream_ca),
+        preserve_host=flat.preserve_host,
+    )
+    server = ServerSettings(
+        host=flat.host,
+        port=flat.port,
+        http=flat.http,
+        log_level=flat.log_level,
+        grace=flat.grace,
+        header_timeout=flat.header_timeout,
+        body_timeout=flat.body_timeout,
+        keepalive_timeout=flat.keepalive_timeout,
+        max_header_size=flat.max_header_size,
+        max_body_size=flat.max_body_size,
+        ws_max_message_size=flat.ws_max_message_size,
+        ws_idle_timeout=flat.ws_idle_timeout,
+        admin=None
+        if flat.admin_port is None
+        else AdminSettings(host=flat.admin_host, port=flat.admin_port),
+        demo=flat.demo,
+    )
+    return Config(
+        server=server,
+        upstreams={"default": group},
+        routes=(RouteSettings(name="default", upstream="default"),),
+    )

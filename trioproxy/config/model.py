@@ -1,0 +1,231 @@
+"""The configuration model: nested frozen attrs classes, one per TOML table.
+
+Every field is named as its TOML key (``[upstreams.NAME] retry.attempts`` is
+``UpstreamGroup.retry.attempts``) and every default lives here, once: the
+command line, the environment and the file only override. Durations are
+seconds (floats), sizes bytes (ints).
+
+The shape::
+
+    Config
+    ├─ server: ServerSettings        [server]
+    │    ├─ admin: AdminSettings | None
+    │    └─ headers: HeaderRules     applied on every route
+    ├─ upstreams: {name: UpstreamGroup}   [upstreams.NAME]
+    │    servers (TargetSpec), strategy, health, passive, breaker, retry,
+    │    pool, timeouts, tls, preserve_host
+    └─ routes: (RouteSettings, ...)  [routes.NAME], in file order
+         match, rewrite, headers, cors, respond, timeouts, max_body_size,
+         body_transform
+
+Values are checked where they are loaded (``trioproxy.config.load``), so that
+an error can name its source and key path; the classes here hold what passed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import attrs
+
+from trioproxy.balance.balancer import BreakerSettings
+from trioproxy.balance.health import HealthSettings
+from trioproxy.balance.target import TargetSpec
+
+#: (name, value) pairs, in file order; names lower-case.
+HeaderPairs = tuple[tuple[str, str], ...]
+
+
+@attrs.frozen(kw_only=True)
+class AdminSettings:
+    host: str = "127.0.0.1"
+    port: int = 9901
+
+
+@attrs.frozen(kw_only=True)
+class HeaderRules:
+    """``headers = { request_set = {...}, request_remove = [...], ... }``.
+
+    ``*_set`` replaces every line of that name with one; ``*_add`` appends a
+    line and keeps the others; ``*_remove`` drops every line of that name.
+    Values are templates (``{request_id}``, ``{client_ip}``... see
+    ``trioproxy.http.transforms``).
+    """
+
+    request_set: HeaderPairs = ()
+    request_add: HeaderPairs = ()
+    request_remove: tuple[str, ...] = ()
+    response_set: HeaderPairs = ()
+    response_add: HeaderPairs = ()
+    response_remove: tuple[str, ...] = ()
+
+    def __bool__(self) -> bool:
+        return any(attrs.astuple(self, recurse=False))
+
+
+@attrs.frozen(kw_only=True)
+class ServerSettings:
+    """``[server]``: the listener and what applies to every route."""
+
+    host: str = "127.0.0.1"
+    port: int = 8080
+    #: Parser behind the seam: auto (httptools if importable), h11 or httptools.
+    http: str = "auto"
+    log_level: str = "info"
+    grace: float = 10.0
+    header_timeout: float = 10.0
+    body_timeout: float = 60.0
+    keepalive_timeout: float = 75.0
+    max_header_size: int = 65536
+    #: None = unlimited.
+    max_body_size: int | None = None
+    ws_max_message_size: int = 16 << 20
+    #: 0 = no idle timeout.
+    ws_idle_timeout: float = 0.0
+    admin: AdminSettings | None = None
+    headers: HeaderRules = HeaderRules()
+    #: Start the two built-in demo upstreams (command line only).
+    demo: bool = False
+
+
+@attrs.frozen(kw_only=True)
+class PassiveSettings:
+    """Live traffic's verdict: ``eject_after`` failures in a row eject for ``eject_for``."""
+
+    eject_after: int = 3
+    eject_for: float = 10.0
+
+
+@attrs.frozen(kw_only=True)
+class RetrySettings:
+    #: Retries after the first try (``--retries``): 2 means up to 3 tries in all.
+    attempts: int = 2
+    #: Retries are at most this share of recent requests.
+    budget: float = 0.2
+    #: Largest request body kept to be sent again.
+    replay_limit: int = 1 << 20
+
+
+@attrs.frozen(kw_only=True)
+class PoolSettings:
+    max_connections: int = 256
+    idle_timeout: float = 60.0
+    #: How long a request waits for a connection under the cap, else 503.
+    timeout: float = 30.0
+
+
+@attrs.frozen(kw_only=True)
+class Timeouts:
+    connect: float = 5.0
+    read: float = 300.0
+
+
+@attrs.frozen(kw_only=True)
+class RouteTimeouts:
+    """A route's overrides of its group's timeouts; None keeps the group's."""
+
+    connect: float | None = None
+    read: float | None = None
+
+
+@attrs.frozen(kw_only=True)
+class UpstreamTLS:
+    verify: bool = True
+    #: CA bundle (PEM) to verify with instead of the system's.
+    ca: str | None = None
+
+
+@attrs.frozen(kw_only=True)
+class UpstreamGroup:
+    """``[upstreams.NAME]``: servers and how to balance and protect them."""
+
+    name: str
+    servers: tuple[TargetSpec, ...]
+    strategy: str = "round_robin"
+    health: HealthSettings = attrs.field(factory=HealthSettings)
+    passive: PassiveSettings = PassiveSettings()
+    breaker: BreakerSettings = attrs.field(factory=BreakerSettings)
+    retry: RetrySettings = RetrySettings()
+    pool: PoolSettings = PoolSettings()
+    timeouts: Timeouts = Timeouts()
+    tls: UpstreamTLS = UpstreamTLS()
+    preserve_host: bool = False
+
+
+@attrs.frozen(kw_only=True)
+class MatchSpec:
+    """``match = {...}``: every condition given must hold; none given matches all."""
+
+    #: Exact names or ``*.`` wildcards, lower-case; any one may match.
+    host: tuple[str, ...] = ()
+    path: str | None = None
+    path_prefix: str | None = None
+    path_regex: str | None = None
+    #: Upper-case; any one may match.
+    methods: tuple[str, ...] = ()
+    #: (lower-case name, exact value) pairs; all must match.
+    headers: HeaderPairs = ()
+
+
+@attrs.frozen(kw_only=True)
+class RewriteSpec:
+    """``rewrite = {...}``: how the path sent upstream is made from the client's."""
+
+    strip_prefix: str | None = None
+    add_prefix: str | None = None
+    regex: str | None = None
+    replacement: str | None = None
+    #: Exact path mappings (client path → upstream path).
+    paths: HeaderPairs = ()
+
+
+@attrs.frozen(kw_only=True)
+class CorsSpec:
+    allow_origins: tuple[str, ...] = ()
+    allow_methods: tuple[str, ...] = ("GET", "HEAD", "POST")
+    allow_headers: tuple[str, ...] = ()
+    expose_headers: tuple[str, ...] = ()
+    allow_credentials: bool = False
+    max_age: int | None = None
+
+
+@attrs.frozen(kw_only=True)
+class RespondSpec:
+    """``respond = {...}``: answered by the proxy itself, no upstream."""
+
+    status: int = 200
+    body: str = ""
+    content_type: str = "text/plain; charset=utf-8"
+
+
+@attrs.frozen(kw_only=True)
+class RouteSettings:
+    """``[routes.NAME]``: exactly one of ``upstream`` and ``respond``."""
+
+    name: str
+    upstream: str | None = None
+    respond: RespondSpec | None = None
+    #: Higher is tried first.
+    priority: int = 0
+    match: MatchSpec = MatchSpec()
+    rewrite: RewriteSpec | None = None
+    headers: HeaderRules = HeaderRules()
+    cors: CorsSpec | None = None
+    timeouts: RouteTimeouts = RouteTimeouts()
+    #: Replaces the server's limit for this route (None keeps it).
+    max_body_size: int | None = None
+    #: ``"package.module:function"``; see ``trioproxy.http.transforms``.
+    body_transform: str | None = None
+    body_transform_limit: int = 1 << 20
+
+
+@attrs.frozen(kw_only=True)
+class Config:
+    server: ServerSettings = ServerSettings()
+    upstreams: Mapping[str, UpstreamGroup] = attrs.field(factory=dict)
+    routes: tuple[RouteSettings, ...] = ()
+    #: The file it was read from, if any (for reload and for messages).
+    source: str | None = None
+
+    def servers(self) -> int:
+        return sum(len(group.servers) for group in self.upstreams.values())
