@@ -12,7 +12,7 @@ Nothing here opens a socket. The pieces meet over ``trio.testing.memory_stream_p
   injects faults passes its own handler and writes raw bytes through the
   :class:`UpstreamPeer`.
 - :func:`start_proxy` builds pool, engine and :class:`ServerState` the way
-  ``trioproxy.server.listener.build_engine`` does, and :meth:`Proxy.connect` starts one
+  ``trioproxy.server.listener.ProxyServer`` does, and :meth:`Proxy.connect` starts one
   ``ClientConnection.serve()`` and returns the :class:`MemoryClient` that drives it.
 
 Everything runs in the nursery the test passes in (pytest-trio's ``nursery`` fixture),
@@ -31,9 +31,15 @@ import trio
 import trio.testing
 
 from trioproxy.balance.balancer import Balancer
+from trioproxy.balance.group import LiveGroup
+from trioproxy.balance.health import HealthService
+from trioproxy.balance.retry import RetryBudget, RetryPolicy
+from trioproxy.balance.target import TargetSpec
+from trioproxy.config.model import Timeouts, UpstreamGroup
 from trioproxy.engine import Engine
 from trioproxy.http.parsers import client_factory, server_factory
 from trioproxy.server.connection import ClientConnection, ServerState
+from trioproxy.snapshot import Route, Snapshot
 from trioproxy.upstream.origin import Origin, UpstreamURL
 from trioproxy.upstream.pool import UpstreamPool
 
@@ -469,10 +475,17 @@ class Proxy:
     engine: Engine
     state: ServerState
     nursery: trio.Nursery
+    #: The one route (catch-all) and its group.
+    route: Route
     clients: list[MemoryClient] = attrs.Factory(list)
     #: Exceptions that escaped ``serve()`` (the listener would log them and drop the
     #: connection); they are re-raised too, so an unexpected one fails the test.
     crashes: list[BaseException] = attrs.Factory(list)
+
+    @property
+    def group(self) -> LiveGroup:
+        assert self.route.group is not None
+        return self.route.group
 
     def connect(self) -> MemoryClient:
         """A new client connection, served by ``ClientConnection(..., state).serve()``."""
@@ -508,7 +521,7 @@ def start_proxy(
     max_per_origin: int = 16,
     parser: str | None = None,
 ) -> Proxy:
-    """Pool, engine and server state wired as ``listener.build_engine`` does, to ``upstream``.
+    """Pool, engine and server state wired as ``ProxyServer`` does, to ``upstream``.
 
     ``max_body_size`` goes to the handler (declared lengths up front, streamed bodies
     as they arrive), as the listener sets it. ``parser`` (default: the module's
@@ -526,21 +539,30 @@ def start_proxy(
         connector=upstream.connector,
         protocol_factory=client_factory(parser),
     )
-    engine = Engine(
+    group = LiveGroup(
+        settings=UpstreamGroup(
+            name="default",
+            servers=(TargetSpec(url=UPSTREAM),),
+            timeouts=Timeouts(connect=connect_timeout, read=read_timeout),
+        ),
         balancer=Balancer.of_urls([UPSTREAM]),
         pool=pool,
-        read_timeout=read_timeout,
+        health=HealthService([]),
+        retry=RetryPolicy(),
+        budget=RetryBudget(),
     )
+    engine = Engine()
+    route = Route.to_group(group, max_body_size=max_body_size)
+    engine.snapshot = Snapshot.of_routes([route])
     state = ServerState(
         engine,
         header_timeout=header_timeout,
         body_timeout=body_timeout,
         keepalive_timeout=keepalive_timeout,
         max_header_size=max_header_size,
-        max_body_size=max_body_size,
         protocol_factory=server_factory(parser),
     )
-    return Proxy(upstream, pool, engine, state, nursery)
+    return Proxy(upstream, pool, engine, state, nursery, route)
 
 
 #: Fake seconds after which a test counts as hung.

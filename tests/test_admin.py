@@ -14,6 +14,9 @@ from fixtures import raw_request, run_proxy, serve_tcp_handler
 from trioproxy.admin import AdminApp
 from trioproxy.balance.balancer import Balancer
 from trioproxy.balance.target import Target, TargetSpec
+from trioproxy.config.model import Config, PassiveSettings, RouteSettings, UpstreamGroup
+from trioproxy.engine import Engine
+from trioproxy.snapshot import build_snapshot
 from trioproxy.upstream.origin import UpstreamURL
 
 pytestmark = pytest.mark.timeout(20)
@@ -22,9 +25,23 @@ JSON = b"application/json"
 TEXT = b"text/plain; charset=utf-8"
 
 
-def make_app(*names: str, **kwargs: object) -> tuple[AdminApp, list[Target]]:
-    targets = [Target(TargetSpec(url=UpstreamURL.parse(f"http://{n}:8000"))) for n in names]
-    return AdminApp(Balancer(targets, **kwargs)), targets  # type: ignore[arg-type]
+def make_app(*names: str, eject_after: int = 3) -> tuple[AdminApp, list[Target]]:
+    group = UpstreamGroup(
+        name="default",
+        servers=tuple(TargetSpec(url=UpstreamURL.parse(f"http://{n}:8000")) for n in names),
+        passive=PassiveSettings(eject_after=eject_after),
+    )
+    config = Config(
+        upstreams={"default": group}, routes=(RouteSettings(name="default", upstream="default"),)
+    )
+    engine = Engine()
+    engine.snapshot = build_snapshot(config)
+    return AdminApp(engine), engine.snapshot.groups["default"].balancer.targets
+
+
+def balancer(app: AdminApp) -> Balancer:
+    assert app.engine.snapshot is not None
+    return app.engine.snapshot.groups["default"].balancer
 
 
 def get(app: AdminApp, target: bytes, method: bytes = b"GET") -> tuple[int, bytes, Any]:
@@ -60,7 +77,7 @@ async def test_health_is_503_when_every_breaker_is_open() -> None:
     app, (a,) = make_app("a", eject_after=0)
     now = trio.current_time()
     for _ in range(5):
-        app.balancer.on_failure(a, now)
+        balancer(app).on_failure(a, now)
     status, _, body = get(app, b"/health")
     assert status == 503 and body["status"] == "unavailable"
 
@@ -71,9 +88,9 @@ async def test_health_recovers_when_an_open_breaker_may_take_trials(
     app, (a,) = make_app("a", eject_after=0)
     now = trio.current_time()
     for _ in range(5):
-        app.balancer.on_failure(a, now)
+        balancer(app).on_failure(a, now)
     await trio.sleep(30.0)  # the default open_for: pick() would admit a trial now
-    assert app.balancer.has_candidate(trio.current_time())
+    assert balancer(app).has_candidate(trio.current_time())
     # A load balancer in front that trusts /health sends nothing while it says 503,
     # and without a request the breaker never leaves OPEN.
     assert get(app, b"/health")[0] == 200
@@ -81,7 +98,7 @@ async def test_health_recovers_when_an_open_breaker_may_take_trials(
 
 async def test_status_lists_every_target() -> None:
     app, (a, b) = make_app("a", "b")
-    app.balancer.on_success(a, trio.current_time(), latency=0.005)
+    balancer(app).on_success(a, trio.current_time(), latency=0.005)
     b.healthy = False
     status, content_type, body = get(app, b"/status")
     assert (status, content_type) == (200, JSON)

@@ -19,6 +19,7 @@ from trioproxy.balance.strategies import make_strategy
 from trioproxy.balance.target import TargetSpec
 from trioproxy.config import ConfigError, parse_target
 from trioproxy.config.flat import FlatConfig as Config
+from trioproxy.config.flat import to_config
 from trioproxy.http.parsers import PARSER_CHOICES
 from trioproxy.observe import log_output
 from trioproxy.upstream.origin import UpstreamURL
@@ -450,7 +451,7 @@ async def _main(config: Config) -> int:
             urls = await run_demo_upstreams(nursery)
             demo = tuple(TargetSpec(url=UpstreamURL.parse(url)) for url in urls)
             config = attrs.evolve(config, upstreams=config.upstreams + demo)
-        server = ProxyServer(config)
+        server = ProxyServer(to_config(config))
         try:
             await server.bind()
         except OSError as exc:

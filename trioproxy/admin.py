@@ -19,7 +19,7 @@ import logging
 
 import trio
 
-from trioproxy.balance.balancer import Balancer
+from trioproxy.engine import Engine
 from trioproxy.errors import ProxyError
 from trioproxy.http.h11_impl import H11Server
 from trioproxy.http.protocol import NEED_DATA, RequestHead, ResponseHead
@@ -30,8 +30,8 @@ _READ_TIMEOUT = 10.0
 
 
 class AdminApp:
-    def __init__(self, balancer: Balancer) -> None:
-        self.balancer = balancer
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
 
     def respond(self, method: bytes, target: bytes) -> tuple[int, bytes, bytes]:
         """(status, content type, body) for a request; sans-I/O."""
@@ -41,10 +41,14 @@ class AdminApp:
         now = trio.current_time()
         if path == b"/ping":
             return 200, b"text/plain; charset=utf-8", b"pong\n"
+        snapshot = self.engine.snapshot
+        groups = snapshot.groups if snapshot is not None else {}
         if path == b"/health":
-            targets = self.balancer.snapshot(now)
+            # 503 only when no group can take a request: the proxy can serve
+            # nothing then (a route to a group that is down answers 503 itself).
+            targets = [t for g in groups.values() for t in g.balancer.snapshot(now)]
             healthy = sum(1 for t in targets if t["healthy"] and not t["ejected"])
-            ok = self.balancer.any_healthy(now)
+            ok = any(g.balancer.any_healthy(now) for g in groups.values())
             body = {
                 "status": "ok" if ok else "unavailable",
                 "healthy": healthy,
@@ -52,7 +56,17 @@ class AdminApp:
             }
             return (200 if ok else 503), b"application/json", _json(body)
         if path == b"/status":
-            return 200, b"application/json", _json({"targets": self.balancer.snapshot(now)})
+            status: dict[str, object] = {
+                "targets": [t for g in groups.values() for t in g.balancer.snapshot(now)],
+                "groups": {name: g.balancer.snapshot(now) for name, g in groups.items()},
+            }
+            if snapshot is not None:
+                status["config"] = {
+                    "generation": snapshot.generation,
+                    "loaded_at": snapshot.loaded_at,
+                    "last_error": None,
+                }
+            return 200, b"application/json", _json(status)
         return 404, b"text/plain; charset=utf-8", b"not found\n"
 
 

@@ -46,8 +46,6 @@ from typing import Protocol
 import attrs
 import trio
 
-from trioproxy.balance.balancer import Balancer
-from trioproxy.balance.retry import RetryBudget, RetryPolicy
 from trioproxy.balance.target import Target
 from trioproxy.errors import (
     ClientDisconnected,
@@ -80,10 +78,10 @@ from trioproxy.http.protocol import (
     _Sentinel,
 )
 from trioproxy.relay_hub import ClientSink, HubStream, StreamHub
+from trioproxy.snapshot import Route, Snapshot
 from trioproxy.sockets import FastSocketStream
 from trioproxy.upstream.connection import UpstreamConnection
 from trioproxy.upstream.origin import Origin
-from trioproxy.upstream.pool import UpstreamPool
 
 log = logging.getLogger("trioproxy.engine")
 
@@ -126,6 +124,7 @@ class ExchangeLog:
     """What happened, for the access log."""
 
     request_id: bytes = b""
+    route: str = "-"
     upstream: str = "-"
     status: int = 0
     bytes_out: int = 0
@@ -224,22 +223,68 @@ class _DiscardedResponse(UpstreamError):
 
 @attrs.define
 class Engine:
-    balancer: Balancer
-    pool: UpstreamPool
-    read_timeout: float = 300.0
-    preserve_host: bool = False
-    retry: RetryPolicy = attrs.Factory(RetryPolicy)
-    budget: RetryBudget = attrs.Factory(RetryBudget)
+    """The proxy path as a service: ``await nursery.start(engine.run)``, then
+    ``activate(snapshot)`` and ``handle(request, route, downstream, record)``.
+
+    It owns what outlives one exchange: the stream hub, and the upstream groups
+    of the snapshots it serves (their health probers run in its nursery, their
+    pools are closed when it stops).
+    """
+
     rng: random.Random = attrs.Factory(random.Random)
     #: Relays streamed response bodies in one task (see ``_relay_rest``); None: every
     #: body is relayed by its exchange's own task.
     hub: StreamHub | None = None
     #: trio's clock: ``trio.current_time``, or the same reading straight from the
-    #: run's clock (see ``ProxyServer.run``).
+    #: run's clock (see ``Engine.run``).
     current_time: Callable[[], float] = trio.current_time
+    #: The snapshot new requests are routed on.
+    snapshot: Snapshot | None = None
+    #: Whether ``run`` starts the stream hub (off where it cannot run).
+    use_hub: bool = True
+    _nursery: trio.Nursery | None = None
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Serve until cancelled; the groups' pools are closed on the way out."""
+        # The hot path reads the clock ~7 times per request. trio.current_time()
+        # is the run's clock.current_time() behind KI protection and a run-context
+        # lookup (~2.1k instructions; ~0.65k for the clock's own method): take the
+        # method once per run. Same clock, same readings (and tests' MockClock too).
+        self.current_time = trio.lowlevel.current_clock().current_time
+        try:
+            async with trio.open_nursery() as nursery:
+                if self.use_hub:
+                    # Streamed response bodies are relayed by this one task (see
+                    # trioproxy/relay_hub.py); it outlives every exchange.
+                    hub = StreamHub()
+                    await nursery.start(hub.run)
+                    self.hub = hub
+                self._nursery = nursery
+                task_status.started()
+                await trio.sleep_forever()
+        finally:
+            self.hub = None
+            self._nursery = None
+            if self.snapshot is not None:
+                for group in self.snapshot.groups.values():
+                    group.pool.current_time = trio.current_time
+                    await group.pool.aclose()
+
+    async def activate(self, snapshot: Snapshot) -> None:
+        """Serve ``snapshot`` from now on; the health probers of its new groups
+        start first, and their first round ends before this returns."""
+        assert self._nursery is not None, "Engine.run is not running"
+        old = self.snapshot.groups.values() if self.snapshot is not None else ()
+        for group in snapshot.groups.values():
+            if group in old:
+                continue
+            group.pool.current_time = self.current_time
+            if group.settings.health.enabled and group.balancer.targets:
+                await self._nursery.start(group.health.run)
+        self.snapshot = snapshot
 
     async def handle(
-        self, request: RequestHead, downstream: Downstream, record: ExchangeLog
+        self, request: RequestHead, route: Route, downstream: Downstream, record: ExchangeLog
     ) -> None:
         """Relay one exchange, retrying on other targets where that is safe.
 
@@ -251,26 +296,28 @@ class Engine:
         retry budget. See the module docstring for what it raises.
         """
         record.request_id = request_id_from(request.headers) or new_request_id()
+        group = route.group
+        assert group is not None, "a respond route is answered by the front end"
+        policy = group.retry
+        budget = group.budget
+        balancer = group.balancer
         idempotent = request.method in IDEMPOTENT
-        body = _ReplayableBody(downstream, self.retry.replay_limit if idempotent else 0)
+        body = _ReplayableBody(downstream, policy.replay_limit if idempotent else 0)
         chunked = body.present and get_first(request.headers, b"content-length") is None
-        policy = self.retry
         tried: list[Target] = []
-        self.budget.record_request(self.current_time())
+        budget.record_request(self.current_time())
         last_error: ProxyError | None = None
         for attempt in range(policy.max_attempts):
             now = self.current_time()
             if attempt:
-                if not self.budget.can_retry(now) or not self.balancer.has_candidate(
-                    now, exclude=tried
-                ):
+                if not budget.can_retry(now) or not balancer.has_candidate(now, exclude=tried):
                     break
-                self.budget.record_retry(now)
+                budget.record_retry(now)
                 # Back off first, then pick: the choice (and a breaker's trial
                 # slot) is made when the request really goes out.
                 await trio.sleep(policy.backoff(attempt - 1, self.rng))
                 try:
-                    target = self.balancer.pick(request, now=self.current_time(), exclude=tried)
+                    target = balancer.pick(request, now=self.current_time(), exclude=tried)
                 except NoHealthyUpstream:
                     break
                 log.info(
@@ -278,7 +325,7 @@ class Engine:
                 )
                 body.rewind()
             else:
-                target = self.balancer.pick(request, now=now)
+                target = balancer.pick(request, now=now)
             tried.append(target)
             record.upstream = target.name
             last = attempt + 1 >= policy.max_attempts
@@ -289,13 +336,13 @@ class Engine:
                     and idempotent
                     and status in policy.retry_on_status
                     and body.replayable
-                    and self.budget.can_retry(self.current_time())
-                    and self.balancer.has_candidate(self.current_time(), exclude=tried)
+                    and budget.can_retry(self.current_time())
+                    and balancer.has_candidate(self.current_time(), exclude=tried)
                 )
 
             try:
                 await self._attempt(
-                    target, request, chunked, body, downstream, record, retry_status
+                    route, target, request, chunked, body, downstream, record, retry_status
                 )
                 return
             except _Unsent as exc:
@@ -309,6 +356,7 @@ class Engine:
 
     async def _attempt(
         self,
+        route: Route,
         target: Target,
         request: RequestHead,
         chunked: bool,
@@ -319,12 +367,14 @@ class Engine:
     ) -> None:
         """One try on one target, with the outcome reported to the balancer."""
         origin = target.url.origin
+        group = route.group
+        assert group is not None
         headers = upstream_request_headers(
             request.headers,
             client_addr=downstream.client_addr,
             scheme=downstream.scheme,
             upstream_host=origin.host_header,
-            preserve_host=self.preserve_host,
+            preserve_host=group.preserve_host,
             request_id=record.request_id,
             via=via_entry(request.http_version),
         )
@@ -335,13 +385,13 @@ class Engine:
             target=target.url.upstream_target(request.target),
             headers=headers,
         )
-        balancer = self.balancer
+        balancer = group.balancer
         started = self.current_time()
         target.inflight += 1  # balancer.track, inlined on the hot path
         try:
             try:
                 await self._on_pooled_connection(
-                    origin, upstream_request, body, downstream, record, retry_status
+                    route, origin, upstream_request, body, downstream, record, retry_status
                 )
             except (UpstreamConnectError, UpstreamConnectTimeout) as exc:
                 balancer.on_failure(target, self.current_time())
@@ -371,6 +421,7 @@ class Engine:
 
     async def _on_pooled_connection(
         self,
+        route: Route,
         origin: Origin,
         request: RequestHead,
         body: _ReplayableBody,
@@ -379,10 +430,16 @@ class Engine:
         retry_status: Callable[[int], bool],
     ) -> None:
         fresh = False
+        assert route.group is not None
+        pool = route.group.pool
         while True:
-            async with self.pool.connection(origin, fresh=fresh) as conn:
+            async with pool.connection(
+                origin, fresh=fresh, connect_timeout=route.connect_timeout
+            ) as conn:
                 try:
-                    await self._exchange(conn, request, body, downstream, record, retry_status)
+                    await self._exchange(
+                        route.read_timeout, conn, request, body, downstream, record, retry_status
+                    )
                     return
                 except UpstreamClosed:
                     # A keep-alive connection the server closed just as we picked
@@ -397,6 +454,7 @@ class Engine:
 
     async def _exchange(
         self,
+        read_timeout: float,
         conn: UpstreamConnection,
         request: RequestHead,
         body: _ReplayableBody,
@@ -431,7 +489,7 @@ class Engine:
                 head = self._client_head(conn, event, record, retry_status)
             else:
                 # One scope for both limits when the read timeout is the longer one.
-                inner = None if self.read_timeout > _FAST_WINDOW else self.read_timeout
+                inner = None if read_timeout > _FAST_WINDOW else read_timeout
                 with trio.move_on_after(_FAST_WINDOW):
                     head = await self._read_head(conn, record, retry_status, inner)
             if head is not None:
@@ -452,10 +510,10 @@ class Engine:
             try:
                 if head is None:
                     # The fast window counted against the upstream's idle time.
-                    wait = self.read_timeout - _FAST_WINDOW if sent else self.read_timeout
+                    wait = read_timeout - _FAST_WINDOW if sent else read_timeout
                     head = await self._read_head(conn, record, retry_status, wait)
                     chunks, end = _parsed_body(conn, record)
-                await self._relay_rest(conn, downstream, record, head, chunks, end)
+                await self._relay_rest(read_timeout, conn, downstream, record, head, chunks, end)
                 relayed = True
             except ProxyError as exc:
                 error = exc
@@ -560,6 +618,7 @@ class Engine:
 
     async def _relay_rest(
         self,
+        read_timeout: float,
         conn: UpstreamConnection,
         downstream: Downstream,
         record: ExchangeLog,
@@ -599,7 +658,7 @@ class Engine:
             and get_first(head.headers, b"content-length") is None
         ):
             sink = downstream.hub_sink()
-        timeout = self.read_timeout
+        timeout = read_timeout
         slack = timeout / 16
         deadline = self.current_time() + timeout
         reading = trio.CancelScope(deadline=deadline)

@@ -991,12 +991,12 @@ async def test_chunked_body_crossing_max_body_size_is_413(
     assert proxy.pool.idle_count(ORIGIN) == 0
 
 
-async def test_server_state_limit_alone_refuses_content_length_up_front(
+async def test_route_limit_alone_refuses_content_length_up_front(
     nursery: trio.Nursery,
     autojump_clock: MockClock,
 ) -> None:
     proxy = start_proxy(nursery)
-    proxy.state.max_body_size = 100  # as a front end built without build_engine would
+    proxy.route.max_body_size = 100  # a route's own limit, as [routes.X] max_body_size sets
     client = proxy.connect()
     await client.send_request(b"POST", b"/", [(b"content-length", b"1000")], end=False)
     await client.send_body(b"x" * 1000)

@@ -944,7 +944,7 @@ async def test_the_tunnel_is_counted_on_its_target(
 ) -> None:
     upstream = WsUpstream(nursery)
     proxy = start_proxy(nursery, upstream.fake())
-    target = proxy.engine.balancer.targets[0]
+    target = proxy.group.balancer.targets[0]
     handshake = H11Handshake(ConnectionType.CLIENT)
     client, events = await client_handshake(proxy, upgrade_request(handshake), handshake)
     assert isinstance(events[-1], AcceptConnection)
@@ -987,16 +987,21 @@ async def test_balancing_counts_tunnels_and_reports_outcomes(
     autojump_clock: MockClock,
 ) -> None:
     """The tunnel's view of the real balancer: pick, counting, outcomes, retry limit."""
-    from trioproxy.balance.balancer import Balancer
-    from trioproxy.balance.retry import RetryPolicy
-    from trioproxy.engine import Engine
-    from trioproxy.upstream.pool import UpstreamPool
+    from trioproxy.balance.group import LiveGroup
+    from trioproxy.balance.target import TargetSpec
+    from trioproxy.config.model import RetrySettings, UpstreamGroup
 
-    balancer = Balancer.of_urls(
-        [UpstreamURL.parse("http://a.test"), UpstreamURL.parse("http://b.test")]
+    group = LiveGroup.build(
+        UpstreamGroup(
+            name="ws",
+            servers=(
+                TargetSpec(url=UpstreamURL.parse("http://a.test")),
+                TargetSpec(url=UpstreamURL.parse("http://b.test")),
+            ),
+            retry=RetrySettings(attempts=1),
+        )
     )
-    engine = Engine(balancer=balancer, pool=UpstreamPool(), retry=RetryPolicy(max_attempts=2))
-    balancing = Balancing(engine)
+    balancing = Balancing(group)
     first = balancing.pick(head())
     second = balancing.pick(head(), exclude=[first])
     assert {Balancing.url(first).text, Balancing.url(second).text} == {

@@ -25,12 +25,14 @@ from collections.abc import Callable
 
 import trio
 
+from trioproxy.config.model import RespondSpec
 from trioproxy.engine import Engine, ExchangeLog
 from trioproxy.errors import (
     BodyTooLarge,
     ClientDisconnected,
     ClientTimeout,
     MethodNotAllowed,
+    NoRoute,
     ProtocolError,
     ProxyError,
     RelayError,
@@ -71,7 +73,6 @@ class ServerState:
         body_timeout: float = 60.0,
         keepalive_timeout: float = 75.0,
         max_header_size: int = 65536,
-        max_body_size: int | None = None,
         scheme: str = "http",
         protocol_factory: Callable[[int], ServerProtocol] = H11Server,
         websocket: WebSocketSettings | None = None,
@@ -82,7 +83,6 @@ class ServerState:
         self.body_timeout = body_timeout
         self.keepalive_timeout = keepalive_timeout
         self.max_header_size = max_header_size
-        self.max_body_size = max_body_size
         self.scheme = scheme
         self.protocol_factory = protocol_factory
         self.draining = False
@@ -108,6 +108,8 @@ class ClientConnection:
         self._request: RequestHead | None = None
         self._waiting = trio.CancelScope()
         self._in_head = False
+        #: The request body limit of the current exchange's route.
+        self._body_limit: int | None = None
 
     # --- the loop -----------------------------------------------------------
 
@@ -222,7 +224,7 @@ class ClientConnection:
 
     def _check_declared_length(self, head: RequestHead) -> None:
         """A Content-Length over the body limit is refused before any upstream sees it."""
-        limit = self.state.max_body_size
+        limit = self._body_limit
         if limit is None:
             return
         for name, value in head.headers:
@@ -237,11 +239,24 @@ class ClientConnection:
         record = ExchangeLog()
         started = time.perf_counter()
         try:
+            snapshot = self.state.engine.snapshot
+            route = (
+                None
+                if snapshot is None
+                else snapshot.route_for(head.method, head.target, head.headers)
+            )
+            if route is None:
+                raise NoRoute(head.target.split(b"?", 1)[0].decode("latin-1"))
+            record.route = route.name
+            self._body_limit = route.max_body_size
             self._check_declared_length(head)
+            if route.group is None:
+                assert route.settings.respond is not None
+                return await self._respond(head, route.settings.respond, record, started)
             if not is_websocket_upgrade(head):
-                await self.state.engine.handle(head, self, record)
+                await self.state.engine.handle(head, route, self, record)
             elif note := await serve_websocket(
-                head, self, record, engine=self.state.engine, settings=self.state.websocket
+                head, self, record, route=route, settings=self.state.websocket
             ):
                 self._access(head, record, started, note)
                 return False  # the tunnel ended: so did the connection
@@ -300,7 +315,7 @@ class ClientConnection:
             raise ClientTimeout(f"no request body data for {self.state.body_timeout} s")
         if type(event) is Body:
             self._body_received += len(event.data)
-            limit = self.state.max_body_size
+            limit = self._body_limit
             if limit is not None and self._body_received > limit:
                 raise BodyTooLarge(f"body over {limit} bytes")
             return event.data
@@ -397,22 +412,46 @@ class ClientConnection:
                 raise ClientDisconnected(repr(exc)) from None
             raise
 
+    async def _respond(
+        self, head: RequestHead, respond: RespondSpec, record: ExchangeLog, started: float
+    ) -> bool:
+        """Answer a ``respond`` route's request from the proxy itself."""
+        record.upstream = "-"
+        record.status = respond.status
+        body = respond.body.encode()
+        while await self.receive_body():
+            pass  # the request's body is read and dropped: the route has no upstream
+        close = self.state.draining
+        await self._answer(
+            respond.status,
+            [(b"content-type", respond.content_type.encode("latin-1"))],
+            body,
+            close=close,
+        )
+        record.bytes_out = len(body)
+        self._access(head, record, started, "")
+        return not close and self.protocol.reusable
+
     async def _answer_error(self, exc: ProxyError, *, close: bool, request_id: bytes = b"") -> None:
         """A short text response naming the cause; then, if closing, a graceful close."""
         status = exc.status
         phrase = reason_phrase(status).decode()
         body = f"{status} {phrase}: {exc.reason}\n".encode()
-        headers = [
-            (b"content-type", b"text/plain; charset=utf-8"),
-            (b"content-length", str(len(body)).encode()),
-        ]
-        headers.extend(exc.headers)
+        headers = [(b"content-type", b"text/plain; charset=utf-8"), *exc.headers]
         if request_id:
             headers.append((b"x-request-id", request_id))
+        await self._answer(status, headers, body, close=close)
+
+    async def _answer(
+        self, status: int, headers: list[tuple[bytes, bytes]], body: bytes, *, close: bool
+    ) -> None:
+        """A whole response made by the proxy; then, if closing, a graceful close."""
+        phrase = reason_phrase(status)
+        headers = [*headers, (b"content-length", str(len(body)).encode())]
         if close:
             headers.append((b"connection", b"close"))
         try:
-            data = self.protocol.send_head(ResponseHead(status, headers, phrase.encode()))
+            data = self.protocol.send_head(ResponseHead(status, headers, phrase))
             if self.protocol.request_method != b"HEAD":
                 data += self.protocol.send_body(body)
             data += self.protocol.send_end()

@@ -5,7 +5,7 @@ Lifetimes (see DESIGN.md)::
     serve(config)
     └─ root nursery
        ├─ signal watcher (SIGTERM/SIGINT → drain)
-       ├─ stream hub (relays the streamed response bodies of every connection)
+       ├─ engine (stream hub, health probers of the upstream groups)
        └─ handler nursery ─ one task per client connection
           (the accept loops run in their own cancel scope, so that draining is
            "stop accepting, then put a deadline on the handler nursery", as
@@ -21,93 +21,20 @@ from __future__ import annotations
 
 import logging
 import signal
-import ssl
 from collections.abc import Sequence
 
 import trio
 
 from trioproxy.admin import AdminApp, serve_admin
-from trioproxy.balance.balancer import Balancer, BreakerSettings
-from trioproxy.balance.health import HealthService, HealthSettings
-from trioproxy.balance.retry import RetryBudget, RetryPolicy
-from trioproxy.balance.strategies import make_strategy
-from trioproxy.balance.target import Target
-from trioproxy.config.flat import FlatConfig as Config
+from trioproxy.config.model import Config
 from trioproxy.engine import Engine
-from trioproxy.http.parsers import client_factory, server_factory
-from trioproxy.relay_hub import StreamHub
+from trioproxy.http.parsers import server_factory
 from trioproxy.server.connection import ClientConnection, ServerState
 from trioproxy.server.websocket import WebSocketSettings
+from trioproxy.snapshot import build_snapshot
 from trioproxy.sockets import ACCEPT_BATCH, CAPACITY_ERRNOS, FastSocketStream, ReadyAcceptor
-from trioproxy.upstream.pool import UpstreamPool
 
 log = logging.getLogger("trioproxy.server")
-
-
-def make_ssl_context(config: Config) -> ssl.SSLContext:
-    """Client-side TLS for https upstreams: verification on unless ``insecure``."""
-    context = ssl.create_default_context(cafile=config.upstream_ca)
-    if config.insecure:
-        context.check_hostname = False
-        context.verify_mode = ssl.CERT_NONE
-    context.set_alpn_protocols(["http/1.1"])
-    return context
-
-
-def build_balancer(config: Config) -> Balancer:
-    return Balancer(
-        [Target(spec) for spec in config.upstreams],
-        strategy=make_strategy(config.strategy),
-        eject_after=config.eject_after,
-        eject_for=config.eject_for,
-        breaker_settings=BreakerSettings(
-            failure_threshold=config.breaker_failures,
-            window=config.breaker_window,
-            open_for=config.breaker_open_for,
-            half_open_max=config.breaker_half_open,
-            success_threshold=config.breaker_successes,
-        ),
-    )
-
-
-def build_engine(config: Config) -> Engine:
-    needs_tls = any(spec.url.origin.tls for spec in config.upstreams)
-    pool = UpstreamPool(
-        connect_timeout=config.connect_timeout,
-        pool_timeout=config.pool_timeout,
-        idle_timeout=config.upstream_idle_timeout,
-        max_per_origin=config.max_connections_per_upstream,
-        max_head_size=config.max_header_size,
-        ssl_context=make_ssl_context(config) if needs_tls else None,
-        protocol_factory=client_factory(config.http),
-    )
-    return Engine(
-        balancer=build_balancer(config),
-        pool=pool,
-        read_timeout=config.read_timeout,
-        preserve_host=config.preserve_host,
-        retry=RetryPolicy(max_attempts=config.retries + 1, replay_limit=config.retry_replay_limit),
-        budget=RetryBudget(ratio=config.retry_budget),
-    )
-
-
-def build_health(config: Config, engine: Engine) -> HealthService:
-    balancer = engine.balancer
-    return HealthService(
-        engine.balancer.targets,
-        HealthSettings(
-            enabled=config.health_check,
-            method=config.health_method.encode("ascii"),
-            path=config.health_path,
-            interval=config.health_interval,
-            timeout=config.health_timeout,
-            rise=config.health_rise,
-            fall=config.health_fall,
-        ),
-        ssl_context=engine.pool.ssl_context,
-        protocol_factory=engine.pool.protocol_factory,
-        on_recovered=lambda target: balancer.reinstate(target, trio.current_time()),
-    )
 
 
 class ProxyServer:
@@ -115,19 +42,20 @@ class ProxyServer:
 
     def __init__(self, config: Config) -> None:
         self.config = config
-        self.engine = build_engine(config)
-        self.health = build_health(config, self.engine)
+        server = config.server
+        self.engine = Engine()
+        #: Made live now (not in ``run``), so that a bad value is found before binding.
+        self.snapshot = build_snapshot(config)
         self.state = ServerState(
             self.engine,
-            header_timeout=config.header_timeout,
-            body_timeout=config.body_timeout,
-            keepalive_timeout=config.keepalive_timeout,
-            max_header_size=config.max_header_size,
-            max_body_size=config.max_body_size,
-            protocol_factory=server_factory(config.http),
+            header_timeout=server.header_timeout,
+            body_timeout=server.body_timeout,
+            keepalive_timeout=server.keepalive_timeout,
+            max_header_size=server.max_header_size,
+            protocol_factory=server_factory(server.http),
             websocket=WebSocketSettings(
-                max_message_size=config.ws_max_message_size,
-                idle_timeout=config.ws_idle_timeout or None,
+                max_message_size=server.ws_max_message_size,
+                idle_timeout=server.ws_idle_timeout or None,
             ),
         )
         self._accepting = trio.CancelScope()
@@ -141,7 +69,8 @@ class ProxyServer:
             OSError: the address is in use, not available, or not permitted.
         """
         if self._listeners is None:
-            self._listeners = await trio.open_tcp_listeners(self.config.port, host=self.config.host)
+            server = self.config.server
+            self._listeners = await trio.open_tcp_listeners(server.port, host=server.host)
         return [_address(listener) for listener in self._listeners]
 
     async def wait_stopped(self) -> None:
@@ -157,13 +86,7 @@ class ProxyServer:
         handle_signals: bool = True,
         task_status: trio.TaskStatus[list[tuple[str, int]]] = trio.TASK_STATUS_IGNORED,
     ) -> None:
-        config = self.config
-        # The hot path reads the clock ~7 times per request. trio.current_time()
-        # is the run's clock.current_time() behind KI protection and a run-context
-        # lookup (~2.1k instructions; ~0.65k for the clock's own method): take the
-        # method once per run. Same clock, same readings (and tests' MockClock too).
-        engine = self.engine
-        engine.current_time = engine.pool.current_time = trio.lowlevel.current_clock().current_time
+        server = self.config.server
         addresses = await self.bind()
         assert self._listeners is not None
         listeners = self._listeners
@@ -173,20 +96,17 @@ class ProxyServer:
                     # Installed before we report ready: a signal sent as soon as
                     # "listening on" is read must drain, not kill.
                     await root.start(self._watch_signals, root.cancel_scope)
-                # Streamed response bodies are relayed by this one task (see
-                # trioproxy/relay_hub.py); it outlives every connection handler.
-                hub = StreamHub()
-                await root.start(hub.run)
-                self.engine.hub = hub
-                if config.health_check and self.engine.balancer.targets:
-                    # The first round of probes ends before the first accept.
-                    await root.start(self.health.run)
-                if config.admin_port is not None:
+                # The engine (stream hub, health probers) outlives every
+                # connection handler; the first round of probes ends before the
+                # first accept.
+                await root.start(self.engine.run)
+                await self.engine.activate(self.snapshot)
+                if server.admin is not None:
                     admin = await root.start(
                         serve_admin,
-                        AdminApp(self.engine.balancer),
-                        config.admin_host,
-                        config.admin_port,
+                        AdminApp(self.engine),
+                        server.admin.host,
+                        server.admin.port,
                     )
                     log.info("admin listening on %s", format_url(admin[0]))
                 async with trio.open_nursery() as handlers:
@@ -211,16 +131,14 @@ class ProxyServer:
                     log.info(
                         "draining %d connection(s), grace %.1f s",
                         self.state.open_connections,
-                        config.grace,
+                        server.grace,
                     )
                     self.state.drain()
-                    handlers.cancel_scope.deadline = trio.current_time() + config.grace
+                    handlers.cancel_scope.deadline = trio.current_time() + server.grace
                 root.cancel_scope.cancel()
         finally:
-            self.engine.hub = None
             for listener in listeners:
                 await trio.aclose_forcefully(listener)
-            await self.engine.pool.aclose()
             self._stopped.set()
         log.info("stopped")
 

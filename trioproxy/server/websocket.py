@@ -39,8 +39,9 @@ import attrs
 import trio
 from wsproto.utilities import generate_accept_token
 
+from trioproxy.balance.group import LiveGroup
 from trioproxy.balance.target import Target
-from trioproxy.engine import Engine, ExchangeLog
+from trioproxy.engine import ExchangeLog
 from trioproxy.errors import (
     ClientDisconnected,
     NoHealthyUpstream,
@@ -69,7 +70,9 @@ from trioproxy.server.ws_tunnel import (
     DEFAULT_MAX_MESSAGE_SIZE,
     Tunnel,
 )
+from trioproxy.snapshot import Route
 from trioproxy.upstream.origin import UpstreamURL
+from trioproxy.upstream.pool import UpstreamPool
 from trioproxy.upstream.websocket import (
     HANDSHAKE_FIELDS,
     Accepted,
@@ -161,19 +164,19 @@ def _valid_key(key: bytes) -> bool:
 
 
 class Balancing:
-    """The engine's balancer and retry rules, as a tunnel uses them.
+    """A group's balancer and retry rules, as a tunnel uses them.
 
     The tunnel picks like the engine (``exclude`` for retries), reports the
     outcome of its handshake to the balancer (breaker and passive health), and
     counts an open tunnel in the target's ``inflight`` and ``tunnels`` for
     ``least_connections``. Connect failures are retried on other targets
-    within the engine's ``retry.max_attempts`` and retry budget.
+    within the group's ``retry.max_attempts`` and retry budget.
     """
 
-    def __init__(self, engine: Engine) -> None:
-        self._engine = engine
-        self._balancer = engine.balancer
-        engine.budget.record_request(trio.current_time())
+    def __init__(self, group: LiveGroup) -> None:
+        self._group = group
+        self._balancer = group.balancer
+        group.budget.record_request(trio.current_time())
 
     def pick(self, head: RequestHead, *, exclude: Sequence[Target] = ()) -> Target:
         """A target not in ``exclude`` (NoHealthyUpstream if none is left)."""
@@ -181,14 +184,18 @@ class Balancing:
 
     def may_retry(self, *, attempts: int) -> bool:
         """Whether a connect failure may be tried again on another target."""
-        if attempts >= self._engine.retry.max_attempts:
+        if attempts >= self._group.retry.max_attempts:
             return False
-        budget = self._engine.budget
+        budget = self._group.budget
         now = trio.current_time()
         if not budget.can_retry(now):
             return False
         budget.record_retry(now)
         return True
+
+    @property
+    def pool(self) -> UpstreamPool:
+        return self._group.pool
 
     @staticmethod
     def url(target: Target) -> UpstreamURL:
@@ -246,7 +253,7 @@ async def serve_websocket(
     downstream: WebSocketDownstream,
     record: ExchangeLog,
     *,
-    engine: Engine,
+    route: Route,
     settings: WebSocketSettings,
 ) -> str | None:
     """Open the upstream WebSocket, accept the client, run the tunnel to its end.
@@ -269,8 +276,10 @@ async def serve_websocket(
         raise BadWebSocketRequest("WebSocket upgrade request with a body")
     handshake = parse_client_handshake(head)
     record.request_id = request_id_from(head.headers) or new_request_id()
-    balancing = Balancing(engine)
-    target, upstream = await _connect(head, balancing, engine, record)
+    group = route.group
+    assert group is not None, "a respond route is answered by the front end"
+    balancing = Balancing(group)
+    target, upstream = await _connect(head, balancing, route, record)
     reported = False
     try:
         url = balancing.url(target)
@@ -279,7 +288,7 @@ async def serve_websocket(
             client_addr=downstream.client_addr,
             scheme=downstream.scheme,
             upstream_host=url.origin.host_header,
-            preserve_host=engine.preserve_host,
+            preserve_host=group.preserve_host,
             request_id=record.request_id,
             via=via_entry(b"1.1"),
         )
@@ -296,7 +305,7 @@ async def serve_websocket(
                 target=upstream_target,
                 headers=[field for field in fields if field[0] not in HANDSHAKE_FIELDS],
                 subprotocols=handshake.subprotocols,
-                read_timeout=engine.read_timeout,
+                read_timeout=route.read_timeout,
             )
         status = answer.status if isinstance(answer, Refused) else 101
         outcome = "failure" if status >= 500 else "success"
@@ -304,7 +313,7 @@ async def serve_websocket(
         reported = True
         record.status = status
         if isinstance(answer, Refused):
-            await _relay_refusal(answer, upstream, downstream, record, engine.read_timeout)
+            await _relay_refusal(answer, upstream, downstream, record, route.read_timeout)
             return None
         await _accept_client(downstream, handshake, answer, record)
         early = downstream.protocol.trailing_data()  # frames sent before our 101
@@ -333,7 +342,7 @@ async def serve_websocket(
 
 
 async def _connect(
-    head: RequestHead, balancing: Balancing, engine: Engine, record: ExchangeLog
+    head: RequestHead, balancing: Balancing, route: Route, record: ExchangeLog
 ) -> tuple[Target, UpstreamWebSocket]:
     """A target and a connection to it; a target that refuses the connection is
     left for another one, as the engine does: the upstream never saw the request.
@@ -355,7 +364,9 @@ async def _connect(
         url = balancing.url(target)
         record.upstream = url.text
         try:
-            return target, await connect_upstream_websocket(url.origin, engine.pool)
+            return target, await connect_upstream_websocket(
+                url.origin, balancing.pool, connect_timeout=route.connect_timeout
+            )
         except (UpstreamConnectError, UpstreamConnectTimeout) as exc:
             balancing.report(target, "failure")
             if not balancing.may_retry(attempts=len(tried)):

@@ -40,17 +40,27 @@ class _Checkout:
     """The async context manager of ``UpstreamPool.connection`` (a class: the hot
     path pays for no generator)."""
 
-    __slots__ = ("_conn", "_fresh", "_origin", "_pool", "_pools")
+    __slots__ = ("_conn", "_connect_timeout", "_fresh", "_origin", "_pool", "_pools")
 
-    def __init__(self, pools: UpstreamPool, pool: _OriginPool, origin: Origin, fresh: bool) -> None:
+    def __init__(
+        self,
+        pools: UpstreamPool,
+        pool: _OriginPool,
+        origin: Origin,
+        fresh: bool,
+        connect_timeout: float | None,
+    ) -> None:
         self._pools = pools
         self._pool = pool
         self._origin = origin
         self._fresh = fresh
+        self._connect_timeout = connect_timeout
         self._conn: UpstreamConnection | None = None
 
     async def __aenter__(self) -> UpstreamConnection:
-        self._conn = await self._pools._acquire(self._pool, self._origin, self._fresh)
+        self._conn = await self._pools._acquire(
+            self._pool, self._origin, self._fresh, self._connect_timeout
+        )
         return self._conn
 
     async def __aexit__(self, *exc_info: object) -> None:
@@ -91,20 +101,25 @@ class UpstreamPool:
         pool = self._pools.get(origin)
         return self.max_per_origin - pool.limiter.value if pool else 0
 
-    def connection(self, origin: Origin, *, fresh: bool = False) -> _Checkout:
+    def connection(
+        self, origin: Origin, *, fresh: bool = False, connect_timeout: float | None = None
+    ) -> _Checkout:
         """``async with pool.connection(origin) as conn``: one exchange's connection.
 
         Args:
             fresh: open a new connection even if an idle one exists (used to
                 retry a request that failed on a reused, stale connection).
+            connect_timeout: this exchange's, if not the pool's (a route's own).
 
         Raises:
             PoolTimeout: every connection to the origin stayed busy.
             UpstreamConnectError, UpstreamConnectTimeout: from connecting.
         """
-        return _Checkout(self, self._pool_for(origin), origin, fresh)
+        return _Checkout(self, self._pool_for(origin), origin, fresh, connect_timeout)
 
-    async def _acquire(self, pool: _OriginPool, origin: Origin, fresh: bool) -> UpstreamConnection:
+    async def _acquire(
+        self, pool: _OriginPool, origin: Origin, fresh: bool, connect_timeout: float | None
+    ) -> UpstreamConnection:
         try:
             pool.limiter.acquire_nowait()  # the common case needs no timeout scope
         except trio.WouldBlock:
@@ -128,7 +143,7 @@ class UpstreamPool:
             if conn is None:
                 conn = await open_connection(
                     origin,
-                    connect_timeout=self.connect_timeout,
+                    connect_timeout=connect_timeout or self.connect_timeout,
                     ssl_context=self.ssl_context,
                     max_head_size=self.max_head_size,
                     connector=self.connector,

@@ -197,8 +197,11 @@ class UpstreamWebSocket:
             raise UpstreamClosed(f"writing to {self.origin}: {exc!r}") from None
 
 
-async def connect_upstream_websocket(origin: Origin, pool: UpstreamPool) -> UpstreamWebSocket:
-    """Connect to ``origin`` with ``pool``'s settings (connector, timeout, TLS).
+async def connect_upstream_websocket(
+    origin: Origin, pool: UpstreamPool, *, connect_timeout: float | None = None
+) -> UpstreamWebSocket:
+    """Connect to ``origin`` with ``pool``'s settings (connector, timeout, TLS);
+    ``connect_timeout``, if given, instead of the pool's.
 
     Resource handling: the caller closes the result with ``aclose``.
 
@@ -207,7 +210,7 @@ async def connect_upstream_websocket(origin: Origin, pool: UpstreamPool) -> Upst
     """
     conn = await open_connection(
         origin,
-        connect_timeout=pool.connect_timeout,
+        connect_timeout=connect_timeout or pool.connect_timeout,
         ssl_context=pool.ssl_context,
         max_head_size=pool.max_head_size,
         connector=pool.connector,

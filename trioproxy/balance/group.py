@@ -1,0 +1,110 @@
+"""An upstream group at run time: one ``[upstreams.NAME]`` table made live.
+
+A :class:`LiveGroup` holds what the proxy knows and keeps about a named group
+of servers: its balancer (targets, breakers, strategy state), its connection
+pool, its health service, its retry budget. Routes point at it; the engine
+starts its prober and closes its pool. A reload that leaves a group's settings
+as they were carries the same object into the new snapshot, so that nothing
+of what it learned is lost (see ``trioproxy.snapshot``).
+"""
+
+from __future__ import annotations
+
+import ssl
+
+import attrs
+import trio
+
+from trioproxy.balance.balancer import Balancer
+from trioproxy.balance.health import HealthService
+from trioproxy.balance.retry import RetryBudget, RetryPolicy
+from trioproxy.balance.strategies import make_strategy
+from trioproxy.balance.target import Target
+from trioproxy.config.model import UpstreamGroup, UpstreamTLS
+from trioproxy.http.parsers import client_factory
+from trioproxy.upstream.pool import UpstreamPool
+
+
+def make_ssl_context(tls: UpstreamTLS) -> ssl.SSLContext:
+    """Client-side TLS for https upstreams: verification on unless ``verify`` is off."""
+    context = ssl.create_default_context(cafile=tls.ca)
+    if not tls.verify:
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    context.set_alpn_protocols(["http/1.1"])
+    return context
+
+
+@attrs.define(eq=False)
+class LiveGroup:
+    """A group's settings and its live state.
+
+    ``exchanges`` counts the exchanges (and tunnels) under way on it: a group a
+    reload removed closes its pool when the last of them ends.
+    """
+
+    settings: UpstreamGroup
+    balancer: Balancer
+    pool: UpstreamPool
+    health: HealthService
+    retry: RetryPolicy
+    budget: RetryBudget
+    exchanges: int = 0
+
+    @property
+    def name(self) -> str:
+        return self.settings.name
+
+    @property
+    def read_timeout(self) -> float:
+        return self.settings.timeouts.read
+
+    @property
+    def preserve_host(self) -> bool:
+        return self.settings.preserve_host
+
+    @classmethod
+    def build(
+        cls, settings: UpstreamGroup, *, http: str = "auto", max_head_size: int = 65536
+    ) -> LiveGroup:
+        """A group with fresh state (no connection is opened here).
+
+        Args:
+            http: the parser seam implementation (``[server] http``).
+            max_head_size: the largest response head accepted from its servers.
+        """
+        needs_tls = any(spec.url.origin.tls for spec in settings.servers)
+        pool = UpstreamPool(
+            connect_timeout=settings.timeouts.connect,
+            pool_timeout=settings.pool.timeout,
+            idle_timeout=settings.pool.idle_timeout,
+            max_per_origin=settings.pool.max_connections,
+            max_head_size=max_head_size,
+            ssl_context=make_ssl_context(settings.tls) if needs_tls else None,
+            protocol_factory=client_factory(http),
+        )
+        balancer = Balancer(
+            [Target(spec) for spec in settings.servers],
+            strategy=make_strategy(settings.strategy),
+            eject_after=settings.passive.eject_after,
+            eject_for=settings.passive.eject_for,
+            breaker_settings=settings.breaker,
+        )
+        health = HealthService(
+            balancer.targets,
+            settings.health,
+            ssl_context=pool.ssl_context,
+            protocol_factory=pool.protocol_factory,
+            on_recovered=lambda target: balancer.reinstate(target, trio.current_time()),
+        )
+        return cls(
+            settings=settings,
+            balancer=balancer,
+            pool=pool,
+            health=health,
+            retry=RetryPolicy(
+                max_attempts=settings.retry.attempts + 1,
+                replay_limit=settings.retry.replay_limit,
+            ),
+            budget=RetryBudget(ratio=settings.retry.budget),
+        )
