@@ -64,7 +64,7 @@ class AdminApp:
                 status["config"] = {
                     "generation": snapshot.generation,
                     "loaded_at": snapshot.loaded_at,
-                    "last_error": None,
+                    "last_error": self.engine.config_error,
                 }
             return 200, b"application/json", _json(status)
         return 404, b"text/plain; charset=utf-8", b"not found\n"

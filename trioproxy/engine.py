@@ -46,6 +46,7 @@ from typing import Protocol
 import attrs
 import trio
 
+from trioproxy.balance.group import LiveGroup
 from trioproxy.balance.target import Target
 from trioproxy.errors import (
     ClientDisconnected,
@@ -242,6 +243,10 @@ class Engine:
     snapshot: Snapshot | None = None
     #: Whether ``run`` starts the stream hub (off where it cannot run).
     use_hub: bool = True
+    #: Why the last reload was refused (None after a good one), for ``/status``.
+    config_error: str | None = None
+    #: Reloads by result (``success``, ``failure``).
+    reloads: dict[str, int] = attrs.Factory(lambda: {"success": 0, "failure": 0})
     _nursery: trio.Nursery | None = None
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -267,21 +272,42 @@ class Engine:
             self._nursery = None
             if self.snapshot is not None:
                 for group in self.snapshot.groups.values():
-                    group.pool.current_time = trio.current_time
                     await group.pool.aclose()
 
     async def activate(self, snapshot: Snapshot) -> None:
-        """Serve ``snapshot`` from now on; the health probers of its new groups
-        start first, and their first round ends before this returns."""
-        assert self._nursery is not None, "Engine.run is not running"
-        old = self.snapshot.groups.values() if self.snapshot is not None else ()
-        for group in snapshot.groups.values():
-            if group in old:
-                continue
-            group.pool.current_time = self.current_time
-            if group.settings.health.enabled and group.balancer.targets:
-                await self._nursery.start(group.health.run)
+        """Serve ``snapshot`` from now on.
+
+        The health probers of its new groups start first, and their first round
+        ends before this returns. Groups of the previous snapshot that it does
+        not carry are retired: they stop probing, take no new exchange, and
+        close their connections when their last exchange ends.
+        """
+        nursery = self._nursery
+        assert nursery is not None, "Engine.run is not running"
+        old = list(self.snapshot.groups.values()) if self.snapshot is not None else []
+        new = list(snapshot.groups.values())
+        for group in new:
+            if group not in old:
+                group.pool.current_time = self.current_time
+                await nursery.start(self._serve_group, group)
         self.snapshot = snapshot
+        for group in old:
+            if group not in new:
+                group.retire()
+
+    async def _serve_group(
+        self, group: LiveGroup, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """A group's probers until it is retired; then its pool, once it is done."""
+        with group.scope:
+            if group.settings.health.enabled and group.balancer.targets:
+                await group.health.run(task_status=task_status)
+            else:
+                task_status.started()
+                await trio.sleep_forever()
+        await group.done.wait()
+        await group.pool.aclose()
+        log.info("upstream group %s retired, its connections closed", group.name)
 
     async def handle(
         self, request: RequestHead, route: Route, downstream: Downstream, record: ExchangeLog

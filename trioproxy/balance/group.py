@@ -39,8 +39,9 @@ def make_ssl_context(tls: UpstreamTLS) -> ssl.SSLContext:
 class LiveGroup:
     """A group's settings and its live state.
 
-    ``exchanges`` counts the exchanges (and tunnels) under way on it: a group a
-    reload removed closes its pool when the last of them ends.
+    ``exchanges`` counts the exchanges (and tunnels) under way on it, between
+    ``enter`` and ``leave``: a group a reload removed (``retire``) stops probing
+    at once and closes its pool when the last of them ends.
     """
 
     settings: UpstreamGroup
@@ -50,6 +51,26 @@ class LiveGroup:
     retry: RetryPolicy
     budget: RetryBudget
     exchanges: int = 0
+    retired: bool = False
+    #: Set once retired and without exchanges.
+    done: trio.Event = attrs.field(factory=trio.Event)
+    #: Its health probers' scope (cancelled on retire).
+    scope: trio.CancelScope = attrs.field(factory=trio.CancelScope)
+
+    def enter(self) -> None:
+        self.exchanges += 1
+
+    def leave(self) -> None:
+        self.exchanges -= 1
+        if self.retired and not self.exchanges:
+            self.done.set()
+
+    def retire(self) -> None:
+        """No new exchange will come: stop probing; ``done`` when the last one ends."""
+        self.retired = True
+        self.scope.cancel()
+        if not self.exchanges:
+            self.done.set()
 
     @property
     def name(self) -> str:

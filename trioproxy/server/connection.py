@@ -25,7 +25,7 @@ from collections.abc import Callable
 
 import trio
 
-from trioproxy.config.model import RespondSpec
+from trioproxy.config.model import RespondSpec, ServerSettings
 from trioproxy.engine import Engine, ExchangeLog
 from trioproxy.errors import (
     BodyTooLarge,
@@ -40,6 +40,7 @@ from trioproxy.errors import (
 )
 from trioproxy.http.h11_impl import H11Server
 from trioproxy.http.headers import reason_phrase
+from trioproxy.http.parsers import server_factory
 from trioproxy.http.protocol import (
     NEED_DATA,
     PAUSED,
@@ -88,6 +89,19 @@ class ServerState:
         self.draining = False
         self._idle: set[ClientConnection] = set()
         self.open_connections = 0
+
+    def configure(self, server: ServerSettings) -> None:
+        """Take a reloaded ``[server]`` table's settings (connections read them as
+        they go; the listening address is not among them)."""
+        self.header_timeout = server.header_timeout
+        self.body_timeout = server.body_timeout
+        self.keepalive_timeout = server.keepalive_timeout
+        self.max_header_size = server.max_header_size
+        self.protocol_factory = server_factory(server.http)
+        self.websocket = WebSocketSettings(
+            max_message_size=server.ws_max_message_size,
+            idle_timeout=server.ws_idle_timeout or None,
+        )
 
     def drain(self) -> None:
         """Stop keep-alive: idle connections close now, busy ones after their response."""
@@ -250,16 +264,23 @@ class ClientConnection:
             record.route = route.name
             self._body_limit = route.max_body_size
             self._check_declared_length(head)
-            if route.group is None:
+            group = route.group
+            if group is None:
                 assert route.settings.respond is not None
                 return await self._respond(head, route.settings.respond, record, started)
-            if not is_websocket_upgrade(head):
-                await self.state.engine.handle(head, route, self, record)
-            elif note := await serve_websocket(
-                head, self, record, route=route, settings=self.state.websocket
-            ):
-                self._access(head, record, started, note)
-                return False  # the tunnel ended: so did the connection
+            # Counted, so that a group a reload removed closes its connections
+            # only once its last exchange (or tunnel) has ended.
+            group.enter()
+            try:
+                if not is_websocket_upgrade(head):
+                    await self.state.engine.handle(head, route, self, record)
+                elif note := await serve_websocket(
+                    head, self, record, route=route, settings=self.state.websocket
+                ):
+                    self._access(head, record, started, note)
+                    return False  # the tunnel ended: so did the connection
+            finally:
+                group.leave()
         except ClientDisconnected:
             record.status = record.status or 499
             self._access(head, record, started, "client gone")

@@ -20,17 +20,17 @@ left is cancelled and closed.
 from __future__ import annotations
 
 import logging
+import os
 import signal
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import trio
 
 from trioproxy.admin import AdminApp, serve_admin
+from trioproxy.config.errors import ConfigError
 from trioproxy.config.model import Config
 from trioproxy.engine import Engine
-from trioproxy.http.parsers import server_factory
 from trioproxy.server.connection import ClientConnection, ServerState
-from trioproxy.server.websocket import WebSocketSettings
 from trioproxy.snapshot import build_snapshot
 from trioproxy.sockets import ACCEPT_BATCH, CAPACITY_ERRNOS, FastSocketStream, ReadyAcceptor
 
@@ -38,26 +38,33 @@ log = logging.getLogger("trioproxy.server")
 
 
 class ProxyServer:
-    """A listening proxy: ``await run(task_status=...)`` serves until drained."""
+    """A listening proxy: ``await run(task_status=...)`` serves until drained.
 
-    def __init__(self, config: Config) -> None:
+    Args:
+        config: what to serve.
+        load: reads and validates the config again (the file, ``.env``, the
+            environment, the command line) for a reload on SIGHUP or on a change
+            of a ``watch`` file; raises ConfigError. None: no reload.
+        watch: files whose change triggers a reload (``--watch``).
+    """
+
+    def __init__(
+        self,
+        config: Config,
+        *,
+        load: Callable[[], Config] | None = None,
+        watch: Sequence[str] = (),
+    ) -> None:
         self.config = config
+        self._load = load
+        self._watch = tuple(watch)
+        self._reloading = trio.Lock()
         server = config.server
         self.engine = Engine()
         #: Made live now (not in ``run``), so that a bad value is found before binding.
         self.snapshot = build_snapshot(config)
-        self.state = ServerState(
-            self.engine,
-            header_timeout=server.header_timeout,
-            body_timeout=server.body_timeout,
-            keepalive_timeout=server.keepalive_timeout,
-            max_header_size=server.max_header_size,
-            protocol_factory=server_factory(server.http),
-            websocket=WebSocketSettings(
-                max_message_size=server.ws_max_message_size,
-                idle_timeout=server.ws_idle_timeout or None,
-            ),
-        )
+        self.state = ServerState(self.engine)
+        self.state.configure(server)
         self._accepting = trio.CancelScope()
         self._stopped = trio.Event()
         self._listeners: list[trio.SocketListener] | None = None
@@ -101,6 +108,8 @@ class ProxyServer:
                 # first accept.
                 await root.start(self.engine.run)
                 await self.engine.activate(self.snapshot)
+                if self._watch and self._load is not None:
+                    root.start_soon(self._watch_files)
                 if server.admin is not None:
                     admin = await root.start(
                         serve_admin,
@@ -169,23 +178,115 @@ class ProxyServer:
             # operator (the client only sees its connection close).
             log.exception("connection handler failed")
 
+    async def reload(self) -> bool:
+        """Read the config again and serve it from the next request on.
+
+        An invalid config changes nothing: one error line is logged, and the
+        old config keeps serving. Exchanges under way finish on the snapshot
+        they started with (see ``trioproxy.snapshot``). Listener settings
+        (host, port) need a restart: the log says so, and the rest is applied.
+
+        Returns:
+            Whether the new config is served.
+        """
+        if self._load is None:
+            log.warning("reload: this server was not given a way to read its config again")
+            return False
+        async with self._reloading:
+            engine = self.engine
+            previous = engine.snapshot
+            generation = (previous.generation if previous is not None else 0) + 1
+            try:
+                config = self._load()
+                snapshot = build_snapshot(config, previous, generation=generation)
+            except ConfigError as exc:
+                lines = str(exc).splitlines() or [repr(exc)]
+                more = f" (and {len(lines) - 1} more)" if len(lines) > 1 else ""
+                engine.config_error = f"{lines[0]}{more}"
+                log.error("reload refused, the config in use stays: %s", engine.config_error)
+                engine.reloads["failure"] += 1
+                return False
+            old, new = self.config.server, config.server
+            if (old.host, old.port) != (new.host, new.port):
+                log.warning(
+                    "reload: listening on %s:%s needs a restart (still on %s:%s)",
+                    new.host,
+                    new.port,
+                    old.host,
+                    old.port,
+                )
+            self.state.configure(new)
+            await engine.activate(snapshot)
+            self.config = config
+            engine.config_error = None
+            engine.reloads["success"] += 1
+            log.info(
+                "config reloaded (generation %d): %d routes, %d upstream groups",
+                generation,
+                len(snapshot.routes),
+                len(snapshot.groups),
+            )
+            return True
+
+    async def _watch_files(self) -> None:
+        """Reload when a watched file changes (polled each second; a burst of
+        writes is taken as one change once the files stay still for 0.5 s)."""
+        seen = _stamps(self._watch)
+        while True:
+            await trio.sleep(1.0)
+            stamps = _stamps(self._watch)
+            if stamps == seen:
+                continue
+            while True:  # debounce: an editor writes in several steps
+                await trio.sleep(0.5)
+                settled = _stamps(self._watch)
+                if settled == stamps:
+                    break
+                stamps = settled
+            seen = stamps
+            log.info("config file changed, reloading")
+            await self.reload()
+
     async def _watch_signals(
         self,
         root: trio.CancelScope,
         *,
         task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
     ) -> None:
-        """First SIGTERM/SIGINT drains; a second one stops at once."""
-        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        """First SIGTERM/SIGINT drains; a second one stops at once. SIGHUP reloads."""
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
             task_status.started()
-            async for signum in signals:
-                name = signal.Signals(signum).name
-                if self._accepting.cancel_called:
-                    log.warning("received %s again, stopping now", name)
-                    root.cancel()
-                    return
-                log.info("received %s, draining", name)
-                self.shutdown()
+            async with trio.open_nursery() as reloads:
+                async for signum in signals:
+                    if signum == signal.SIGHUP:
+                        log.info("received SIGHUP, reloading the config")
+                        reloads.start_soon(self.reload)
+                        continue
+                    self._on_stop_signal(signum, root)
+                    if root.cancel_called:
+                        return
+
+    def _on_stop_signal(self, signum: int, root: trio.CancelScope) -> None:
+        name = signal.Signals(signum).name
+        if self._accepting.cancel_called:
+            log.warning("received %s again, stopping now", name)
+            root.cancel()
+            return
+        log.info("received %s, draining", name)
+        self.shutdown()
+
+
+def _stamps(paths: Sequence[str]) -> list[tuple[int, int] | None]:
+    """(mtime in ns, size) of each file; None for one that cannot be read now."""
+    stamps: list[tuple[int, int] | None] = []
+    for path in paths:
+        try:
+            status = os.stat(path)
+        except OSError:
+            stamps.append(None)
+        else:
+            stamps.append((status.st_mtime_ns, status.st_size))
+    return stamps
 
 
 def _address(listener: trio.SocketListener) -> tuple[str, int]:
