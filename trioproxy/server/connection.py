@@ -31,15 +31,14 @@ from trioproxy.errors import (
     BodyTooLarge,
     ClientDisconnected,
     ClientTimeout,
-    MethodNotAllowed,
     NoRoute,
     ProtocolError,
     ProxyError,
     RelayError,
     UpstreamBrokenMidBody,
 )
+from trioproxy.http.answers import Answer, admission_error, error_answer, framed
 from trioproxy.http.h11_impl import H11Server
-from trioproxy.http.headers import reason_phrase
 from trioproxy.http.parsers import server_factory
 from trioproxy.http.protocol import (
     NEED_DATA,
@@ -51,12 +50,12 @@ from trioproxy.http.protocol import (
     ResponseHead,
     ServerProtocol,
 )
+from trioproxy.observe.access import log_exchange
 from trioproxy.relay_hub import ClientSink
 from trioproxy.server.websocket import WebSocketSettings, is_websocket_upgrade, serve_websocket
 from trioproxy.sockets import FastSocketStream, receive_ready, socket_of
 
 log = logging.getLogger("trioproxy.server")
-access_log = logging.getLogger("trioproxy.access")
 
 READ_SIZE = 65536
 LINGER_BYTES = 1 << 20
@@ -212,8 +211,11 @@ class ClientConnection:
                             return None  # complete, but after its deadline: 408
                     self._in_head = False
                     if event.target.startswith(b"/") and event.method != b"CONNECT":
-                        return event  # what _admit passes, without awaiting it
-                    return await self._admit(event)
+                        return event  # what admission_error passes, in short
+                    if (refused := admission_error(event)) is None:
+                        return event
+                    await self._answer_error(refused, close=True)
+                    return None
                 if type(event) is ConnectionClosed or event is PAUSED:
                     return None
                 raise AssertionError(f"unexpected {event!r} before a request head")
@@ -223,18 +225,6 @@ class ClientConnection:
         finally:
             if armed:
                 state._idle.discard(self)
-
-    async def _admit(self, head: RequestHead) -> RequestHead | None:
-        """Refuse request-targets a reverse proxy must not pass on (RFC 9112 §3.2)."""
-        if head.method == b"CONNECT":
-            await self._answer_error(MethodNotAllowed("CONNECT"), close=True)
-            return None
-        target = head.target
-        if not (target.startswith(b"/") or (target == b"*" and head.method == b"OPTIONS")):
-            reason = "request-target must be in origin-form (a path)"
-            await self._answer_error(ProtocolError(reason, reason=reason), close=True)
-            return None
-        return head
 
     def _check_declared_length(self, head: RequestHead) -> None:
         """A Content-Length over the body limit is refused before any upstream sees it."""
@@ -444,9 +434,7 @@ class ClientConnection:
             pass  # the request's body is read and dropped: the route has no upstream
         close = self.state.draining
         await self._answer(
-            respond.status,
-            [(b"content-type", respond.content_type.encode("latin-1"))],
-            body,
+            Answer(respond.status, [(b"content-type", respond.content_type.encode())], body),
             close=close,
         )
         record.bytes_out = len(body)
@@ -455,26 +443,16 @@ class ClientConnection:
 
     async def _answer_error(self, exc: ProxyError, *, close: bool, request_id: bytes = b"") -> None:
         """A short text response naming the cause; then, if closing, a graceful close."""
-        status = exc.status
-        phrase = reason_phrase(status).decode()
-        body = f"{status} {phrase}: {exc.reason}\n".encode()
-        headers = [(b"content-type", b"text/plain; charset=utf-8"), *exc.headers]
-        if request_id:
-            headers.append((b"x-request-id", request_id))
-        await self._answer(status, headers, body, close=close)
+        await self._answer(error_answer(exc, request_id=request_id), close=close)
 
-    async def _answer(
-        self, status: int, headers: list[tuple[bytes, bytes]], body: bytes, *, close: bool
-    ) -> None:
+    async def _answer(self, answer: Answer, *, close: bool) -> None:
         """A whole response made by the proxy; then, if closing, a graceful close."""
-        phrase = reason_phrase(status)
-        headers = [*headers, (b"content-length", str(len(body)).encode())]
-        if close:
-            headers.append((b"connection", b"close"))
+        status = answer.status
         try:
-            data = self.protocol.send_head(ResponseHead(status, headers, phrase))
+            head = ResponseHead(status, framed(answer, close=close), answer.reason)
+            data = self.protocol.send_head(head)
             if self.protocol.request_method != b"HEAD":
-                data += self.protocol.send_body(body)
+                data += self.protocol.send_body(answer.body)
             data += self.protocol.send_end()
             await self._send(data)
         except ClientDisconnected:
@@ -501,21 +479,7 @@ class ClientConnection:
             pass
 
     def _access(self, head: RequestHead, record: ExchangeLog, started: float, note: str) -> None:
-        if not access_log.isEnabledFor(logging.INFO):
-            return
-        access_log.info(
-            '%s "%s %s HTTP/%s" %d %d %.1fms upstream=%s request_id=%s%s',
-            self.client_addr,
-            head.method.decode("latin-1"),
-            head.target.decode("latin-1"),
-            head.http_version.decode("latin-1"),
-            record.status,
-            record.bytes_out,
-            (time.perf_counter() - started) * 1000,
-            record.upstream,
-            record.request_id.decode("latin-1"),
-            f" ({note})" if note else "",
-        )
+        log_exchange(self.client_addr, head, record, time.perf_counter() - started, note)
 
 
 def _peer_host(stream: trio.abc.Stream) -> str:
