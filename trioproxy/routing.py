@@ -56,7 +56,7 @@ from trioproxy.config.errors import ConfigError
 from trioproxy.config.model import MatchSpec, RouteSettings
 from trioproxy.http.headers import get_first
 from trioproxy.http.protocol import Headers
-from trioproxy.http.syntax import field_value_problem, is_token, path_problem, quoted
+from trioproxy.http.syntax import field_value_problem, is_token, key, path_problem, quoted
 
 __all__ = ["Router", "route_key_path"]
 
@@ -73,7 +73,6 @@ _HOST_EXACT: Final = 0
 _HOST_WILDCARD: Final = 1
 _HOST_ANY: Final = 2
 
-_BARE_KEY: Final = re.compile(r"[A-Za-z0-9_-]+")
 _HOST_NAME: Final = re.compile(r"[a-z0-9_-]+(?:\.[a-z0-9_-]+)*")
 _IP_LITERAL: Final = re.compile(r"\[[0-9a-f:.]+\]")
 
@@ -93,7 +92,7 @@ def _never(path: bytes) -> None:
 
 def route_key_path(name: str) -> str:
     """The TOML key path of route ``name``: ``routes.users``, ``routes."a.b"``."""
-    return f"routes.{name}" if _BARE_KEY.fullmatch(name) else f"routes.{quoted(name)}"
+    return f"routes.{key(name)}"
 
 
 class _Entry(Generic[P]):

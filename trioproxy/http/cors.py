@@ -1,8 +1,9 @@
 """CORS for a route (``cors = {...}``), answered by the proxy (sans-I/O).
 
-The rules follow the Fetch standard's CORS protocol (https://fetch.spec.whatwg.org/#http-cors-protocol)
-and, where it leaves the server a choice, Starlette's ``CORSMiddleware``, whose
-behaviour Python users know.
+The rules follow the Fetch standard's CORS protocol
+(https://fetch.spec.whatwg.org/#http-cors-protocol) and, where it leaves the
+server a choice, Starlette's ``CORSMiddleware``, whose behaviour Python users
+know.
 
 Preflight (:func:`is_preflight`: ``OPTIONS`` with ``Origin`` and
 ``Access-Control-Request-Method``). The proxy answers it itself; the upstream
@@ -33,7 +34,8 @@ origin, as Starlette does), ``-Allow-Credentials`` and ``-Expose-Headers``.
 ``Vary: Origin`` is added whenever the answer depends on the origin (every
 policy but "any origin, no credentials"), to requests from foreign origins
 and without ``Origin`` too, so a shared cache never serves one origin's
-answer to another (Fetch §3.2.5 "CORS protocol and HTTP caches").
+answer to another (Fetch, "CORS protocol and HTTP caches",
+https://fetch.spec.whatwg.org/#cors-protocol-and-http-caches).
 """
 
 from __future__ import annotations
@@ -62,7 +64,7 @@ _DEFAULT_PORTS: Final = {"http": ":80", "https": ":443"}
 
 def is_preflight(method: bytes, headers: Headers) -> bool:
     """Tell whether a request is a CORS preflight: ``OPTIONS`` with ``Origin``
-    and ``Access-Control-Request-Method`` (Fetch §3.2.2)."""
+    and ``Access-Control-Request-Method`` (Fetch, "HTTP requests")."""
     if method != b"OPTIONS":
         return False
     origin = requested = False

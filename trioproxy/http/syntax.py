@@ -12,7 +12,7 @@ import json
 import re
 from typing import Final
 
-__all__ = ["field_value_problem", "is_token", "path_problem", "quoted"]
+__all__ = ["field_value_problem", "is_token", "key", "path_problem", "quoted"]
 
 # RFC 9110 §5.6.2: token = 1*tchar;
 # tchar = "!" / "#" / "$" / "%" / "&" / "'" / "*" / "+" / "-" / "." / "^" / "_" / "`" / "|" / "~"
@@ -26,6 +26,15 @@ _CTL: Final = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 # RFC 3986 §3.3: a path is printable ASCII; "?" starts the query and "#" the
 # fragment, so neither can be part of a path the client sends.
 _NOT_IN_PATH: Final = re.compile(r"[^\x21-\x7e]|[?#]")
+
+
+# TOML bare keys (TOML 1.0 "Keys"); anything else is written quoted.
+_BARE_KEY: Final = re.compile(r"[A-Za-z0-9_-]+")
+
+
+def key(name: str) -> str:
+    """``name`` as one part of a TOML key path: ``users``, ``"api.v1"``."""
+    return name if _BARE_KEY.fullmatch(name) else quoted(name)
 
 
 def quoted(value: str) -> str:
