@@ -49,6 +49,7 @@ import trio
 from trioproxy.balance.group import LiveGroup
 from trioproxy.balance.target import Target
 from trioproxy.errors import (
+    BodyTooLarge,
     ClientDisconnected,
     NoHealthyUpstream,
     PoolTimeout,
@@ -74,9 +75,16 @@ from trioproxy.http.protocol import (
     Body,
     EndOfMessage,
     Event,
+    Headers,
     RequestHead,
     ResponseHead,
     _Sentinel,
+)
+from trioproxy.http.transforms import (
+    BodyTransformError,
+    TemplateValues,
+    format_process_time,
+    run_body_transform,
 )
 from trioproxy.relay_hub import ClientSink, HubStream, StreamHub
 from trioproxy.snapshot import Route, Snapshot
@@ -129,7 +137,12 @@ class ExchangeLog:
     upstream: str = "-"
     status: int = 0
     bytes_out: int = 0
+    started: float = 0.0  # trio time the exchange began (its request head was read)
     head_at: float = 0.0  # trio time the response head arrived
+    #: The header templates' values, when the route's rules use any.
+    values: TemplateValues | None = None
+    #: The client's ``Origin``, when the route has a CORS policy.
+    origin: bytes | None = None
 
 
 @attrs.define
@@ -322,8 +335,13 @@ class Engine:
         retry budget. See the module docstring for what it raises.
         """
         record.request_id = request_id_from(request.headers) or new_request_id()
+        record.started = self.current_time()
         group = route.group
         assert group is not None, "a respond route is answered by the front end"
+        if route.has_transforms:
+            request = self.prepare_request(request, route, downstream.client_addr, record)
+            if route.body_transform is not None and downstream.request_has_body():
+                request, downstream = await _transform_body(request, route, downstream)
         policy = group.retry
         budget = group.budget
         balancer = group.balancer
@@ -331,7 +349,7 @@ class Engine:
         body = _ReplayableBody(downstream, policy.replay_limit if idempotent else 0)
         chunked = body.present and get_first(request.headers, b"content-length") is None
         tried: list[Target] = []
-        budget.record_request(self.current_time())
+        budget.record_request(record.started)
         last_error: ProxyError | None = None
         for attempt in range(policy.max_attempts):
             now = self.current_time()
@@ -404,6 +422,8 @@ class Engine:
             request_id=record.request_id,
             via=via_entry(request.http_version),
         )
+        if route.headers.request:
+            headers = route.headers.request.apply(headers, record.values)
         if chunked:
             headers.append((b"transfer-encoding", b"chunked"))
         upstream_request = RequestHead(
@@ -464,7 +484,7 @@ class Engine:
             ) as conn:
                 try:
                     await self._exchange(
-                        route.read_timeout, conn, request, body, downstream, record, retry_status
+                        route, conn, request, body, downstream, record, retry_status
                     )
                     return
                 except UpstreamClosed:
@@ -480,7 +500,7 @@ class Engine:
 
     async def _exchange(
         self,
-        read_timeout: float,
+        route: Route,
         conn: UpstreamConnection,
         request: RequestHead,
         body: _ReplayableBody,
@@ -501,6 +521,7 @@ class Engine:
         chunks: list[bytes] = []
         end = False
         sent = False
+        read_timeout = route.read_timeout
         if not body.present:
             await body.receive()  # b"": the request is complete
             protocol = conn.protocol
@@ -512,12 +533,12 @@ class Engine:
             await trio.lowlevel.checkpoint()
             event = conn.next_event_nowait()
             if event is not NEED_DATA:
-                head = self._client_head(conn, event, record, retry_status)
+                head = self._client_head(route, conn, event, record, retry_status)
             else:
                 # One scope for both limits when the read timeout is the longer one.
                 inner = None if read_timeout > _FAST_WINDOW else read_timeout
                 with trio.move_on_after(_FAST_WINDOW):
-                    head = await self._read_head(conn, record, retry_status, inner)
+                    head = await self._read_head(route, conn, record, retry_status, inner)
             if head is not None:
                 chunks, end = _parsed_body(conn, record)
             if end:
@@ -537,7 +558,7 @@ class Engine:
                 if head is None:
                     # The fast window counted against the upstream's idle time.
                     wait = read_timeout - _FAST_WINDOW if sent else read_timeout
-                    head = await self._read_head(conn, record, retry_status, wait)
+                    head = await self._read_head(route, conn, record, retry_status, wait)
                     chunks, end = _parsed_body(conn, record)
                 await self._relay_rest(read_timeout, conn, downstream, record, head, chunks, end)
                 relayed = True
@@ -602,6 +623,7 @@ class Engine:
 
     async def _read_head(
         self,
+        route: Route,
         conn: UpstreamConnection,
         record: ExchangeLog,
         retry_status: Callable[[int], bool],
@@ -613,10 +635,12 @@ class Engine:
             _DiscardedResponse: a 5xx that will be retried elsewhere (not relayed).
             UpstreamClosed, UpstreamTimeout, UpstreamProtocolError.
         """
-        return self._client_head(conn, await conn.next_event(read_timeout), record, retry_status)
+        event = await conn.next_event(read_timeout)
+        return self._client_head(route, conn, event, record, retry_status)
 
     def _client_head(
         self,
+        route: Route,
         conn: UpstreamConnection,
         event: Event | _Sentinel,
         record: ExchangeLog,
@@ -634,13 +658,58 @@ class Engine:
             # RFC 9112 §6.3 item 3: Transfer-Encoding overrides Content-Length,
             # and a proxy must remove the latter before forwarding.
             headers = [(n, v) for n, v in headers if n != b"content-length"]
+        headers = client_response_headers(
+            headers, request_id=record.request_id, via=via_entry(event.http_version)
+        )
+        if route.has_transforms:
+            headers = self._transform_response(route, headers, record)
         return ResponseHead(
             status_code=event.status_code,
-            headers=client_response_headers(
-                headers, request_id=record.request_id, via=via_entry(event.http_version)
-            ),
+            headers=headers,
             reason=event.reason or reason_phrase(event.status_code),
         )
+
+    def _transform_response(self, route: Route, headers: Headers, record: ExchangeLog) -> Headers:
+        """The route's response header rules, then its CORS fields."""
+        rules = route.headers.response
+        if rules:
+            values = record.values
+            if values is not None:
+                values.server = record.upstream.encode("latin-1")
+                values.process_time = format_process_time(record.head_at - record.started)
+            headers = rules.apply(headers, values)
+        if route.cors is not None:
+            headers = route.cors.response_headers(record.origin, headers)
+        return headers
+
+    def prepare_request(
+        self, request: RequestHead, route: Route, client_addr: str, record: ExchangeLog
+    ) -> RequestHead:
+        """The request as the route sends it upstream: path rewritten (with
+        ``X-Forwarded-Prefix`` for a stripped prefix); the template values and the
+        ``Origin`` the response side needs are kept in ``record``. The header
+        rules themselves are applied per attempt, on the headers made for it."""
+        headers = request.headers
+        if route.cors is not None:
+            record.origin = get_first(headers, b"origin")
+        rules = route.headers
+        if rules.request.placeholders or rules.response.placeholders:
+            record.values = TemplateValues(
+                request_id=record.request_id,
+                client_ip=client_addr.encode("latin-1"),
+                host=get_first(headers, b"host") or b"",
+                method=request.method,
+                path=request.target.partition(b"?")[0],
+                route=route.name.encode(),
+                upstream=route.group.name.encode() if route.group is not None else b"",
+            )
+        if route.rewrite is None:
+            return request
+        target, prefix = route.rewrite.apply(request.target)
+        if prefix is not None:
+            headers = [(n, v) for n, v in headers if n != b"x-forwarded-prefix"]
+            headers.append((b"x-forwarded-prefix", prefix))
+        return RequestHead(request.method, target, headers, request.http_version)
 
     async def _relay_rest(
         self,
@@ -734,6 +803,71 @@ class Engine:
             await hub.relay(stream, timeout)
         finally:
             record.bytes_out += stream.body_bytes
+
+
+async def _transform_body(
+    request: RequestHead, route: Route, downstream: Downstream
+) -> tuple[RequestHead, Downstream]:
+    """Buffer the request body (up to ``body_transform_limit``, else 413), run the
+    route's body transform on it (500 if it fails), and frame the result with its
+    own ``Content-Length``."""
+    assert route.body_transform is not None
+    headers = request.headers
+    body = await _buffer_body(downstream, route.settings.body_transform_limit)
+    content_type = (get_first(headers, b"content-type") or b"").decode("latin-1")
+    try:
+        body = await run_body_transform(route.body_transform, body, content_type)
+    except BodyTransformError as exc:
+        log.error(
+            "route %s: body_transform %s: %s", route.name, route.settings.body_transform, exc.detail
+        )
+        raise
+    headers = [(n, v) for n, v in headers if n not in (b"content-length", b"transfer-encoding")]
+    headers.append((b"content-length", str(len(body)).encode()))
+    request = RequestHead(request.method, request.target, headers, request.http_version)
+    return request, _BufferedDownstream(downstream, body)
+
+
+async def _buffer_body(downstream: Downstream, limit: int) -> bytes:
+    """The whole request body, read before it is sent on.
+
+    Raises:
+        BodyTooLarge: over ``limit`` bytes.
+    """
+    chunks: list[bytes] = []
+    size = 0
+    while data := await downstream.receive_body():
+        size += len(data)
+        if size > limit:
+            raise BodyTooLarge(f"body over the body_transform_limit of {limit} bytes")
+        chunks.append(data)
+    return b"".join(chunks)
+
+
+class _BufferedDownstream:
+    """A downstream whose request body was read and replaced by ``body``."""
+
+    def __init__(self, downstream: Downstream, body: bytes) -> None:
+        self._downstream = downstream
+        self._body: bytes | None = body
+        self.client_addr = downstream.client_addr
+        self.scheme = downstream.scheme
+
+    def request_has_body(self) -> bool:
+        return True
+
+    async def receive_body(self) -> bytes:
+        body, self._body = self._body, None
+        return body or b""
+
+    async def wait_disconnect(self) -> None:
+        await self._downstream.wait_disconnect()
+
+    async def send_parts(self, head: ResponseHead | None, chunks: list[bytes], end: bool) -> None:
+        await self._downstream.send_parts(head, chunks, end)
+
+    def hub_sink(self) -> ClientSink | None:
+        return self._downstream.hub_sink()
 
 
 def _parsed_body(conn: UpstreamConnection, record: ExchangeLog) -> tuple[list[bytes], bool]:

@@ -14,18 +14,38 @@ whose settings are equal, the new snapshot gets the very same ``LiveGroup``
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from typing import TypeVar
 
 import attrs
 
 from trioproxy.balance.group import LiveGroup
+from trioproxy.config.errors import ConfigError
 from trioproxy.config.model import Config, RouteSettings
+from trioproxy.http.cors import CorsPolicy, compile_cors
 from trioproxy.http.protocol import Headers
+from trioproxy.http.transforms import (
+    BodyTransform,
+    HeaderRuleSet,
+    HeaderTransform,
+    PathRewrite,
+    compile_header_rules,
+    compile_rewrite,
+    load_body_transform,
+)
+from trioproxy.routing import Router, route_key_path
+
+_S = TypeVar("_S")
+_T = TypeVar("_T")
+
+
+_NO_HEADER_RULES = HeaderRuleSet(HeaderTransform(), HeaderTransform())
 
 
 @attrs.define(eq=False)
 class Route:
-    """A ``[routes.NAME]`` table made live: its settings and the group it sends to."""
+    """A ``[routes.NAME]`` table made live: its settings, the group it sends to, and
+    its transforms compiled."""
 
     settings: RouteSettings
     #: None for a ``respond`` route (answered by the proxy itself).
@@ -34,6 +54,23 @@ class Route:
     connect_timeout: float | None
     #: The request body limit on this route (the server's unless the route sets one).
     max_body_size: int | None
+    rewrite: PathRewrite | None = None
+    #: The server's header rules, then the route's.
+    headers: HeaderRuleSet = _NO_HEADER_RULES
+    cors: CorsPolicy | None = None
+    body_transform: BodyTransform | None = None
+    #: Whether any of the above changes requests or responses (the hot path
+    #: asks once).
+    has_transforms: bool = attrs.field(init=False)
+
+    def __attrs_post_init__(self) -> None:
+        self.has_transforms = bool(
+            self.rewrite is not None
+            or self.headers.request
+            or self.headers.response
+            or self.cors is not None
+            or self.body_transform is not None
+        )
 
     @property
     def name(self) -> str:
@@ -62,17 +99,20 @@ class Snapshot:
     generation: int = 1
     #: Wall-clock time it was made (for ``/status``).
     loaded_at: float = attrs.field(factory=time.time)
+    router: Router[Route] = attrs.field(init=False)
+    #: ``route_for(method, target, headers)``: the route a request takes, or None
+    #: (the client gets 404).
+    route_for: Callable[[bytes, bytes, Headers], Route | None] = attrs.field(init=False)
+
+    def __attrs_post_init__(self) -> None:
+        self.router = Router([(route.settings, route) for route in self.routes])
+        self.route_for = self.router.match
 
     @classmethod
     def of_routes(cls, routes: list[Route]) -> Snapshot:
         """A snapshot of routes built by hand (no config file behind them)."""
         groups = {r.group.name: r.group for r in routes if r.group is not None}
         return cls(config=Config(), routes=routes, groups=groups)
-
-    def route_for(self, method: bytes, target: bytes, headers: Headers) -> Route | None:
-        """The route a request takes, or None (the client gets 404)."""
-        # Until routes match on anything, the only route is the catch-all one.
-        return self.routes[0] if self.routes else None
 
 
 def build_snapshot(
@@ -84,6 +124,11 @@ def build_snapshot(
         ConfigError: a value only found wrong when made live (a regex, a module).
     """
     server = config.server
+    problems: list[str] = []
+    server_headers = (
+        _collect(problems, compile_header_rules, server.headers, "server.headers")
+        or _NO_HEADER_RULES
+    )
     kept = previous.groups if previous is not None else {}
     groups: dict[str, LiveGroup] = {}
     for name, group_settings in config.upstreams.items():
@@ -100,6 +145,17 @@ def build_snapshot(
         read_timeout = settings.timeouts.read
         if read_timeout is None:
             read_timeout = group.settings.timeouts.read if group is not None else 0.0
+        where = route_key_path(settings.name)
+        headers = _collect(problems, compile_header_rules, settings.headers, f"{where}.headers")
+        rewrite = cors = transform = None
+        if settings.rewrite is not None:
+            rewrite = _collect(problems, compile_rewrite, settings.rewrite, f"{where}.rewrite")
+        if settings.cors is not None:
+            cors = _collect(problems, compile_cors, settings.cors, f"{where}.cors")
+        if settings.body_transform is not None:
+            transform = _collect(
+                problems, load_body_transform, settings.body_transform, f"{where}.body_transform"
+            )
         routes.append(
             Route(
                 settings=settings,
@@ -109,6 +165,29 @@ def build_snapshot(
                 max_body_size=settings.max_body_size
                 if settings.max_body_size is not None
                 else server.max_body_size,
+                rewrite=rewrite,
+                headers=server_headers.then(headers) if headers is not None else server_headers,
+                cors=cors,
+                body_transform=transform,
             )
         )
-    return Snapshot(config=config, routes=routes, groups=groups, generation=generation)
+    snapshot = None
+    try:
+        snapshot = Snapshot(config=config, routes=routes, groups=groups, generation=generation)
+    except ConfigError as exc:  # from the router: duplicates, bad hosts, paths, regexes
+        problems.extend(str(exc).splitlines())
+    if problems:
+        raise ConfigError("\n".join(problems))
+    assert snapshot is not None
+    return snapshot
+
+
+def _collect(
+    problems: list[str], compile: Callable[[_S, str], _T], spec: _S, key_path: str
+) -> _T | None:
+    """``compile(spec, key_path)``, its ConfigError's lines added to ``problems``."""
+    try:
+        return compile(spec, key_path)
+    except ConfigError as exc:
+        problems.extend(str(exc).splitlines())
+        return None

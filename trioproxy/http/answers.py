@@ -6,11 +6,18 @@ own way.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import attrs
 
 from trioproxy.errors import MethodNotAllowed, ProtocolError, ProxyError
-from trioproxy.http.headers import reason_phrase
+from trioproxy.http.cors import is_preflight
+from trioproxy.http.headers import get_first, reason_phrase
 from trioproxy.http.protocol import Headers, RequestHead
+from trioproxy.http.transforms import TemplateValues, format_process_time
+
+if TYPE_CHECKING:
+    from trioproxy.snapshot import Route
 
 TEXT = b"text/plain; charset=utf-8"
 
@@ -61,3 +68,41 @@ def framed(answer: Answer, *, close: bool) -> Headers:
     if close:
         headers.append((b"connection", b"close"))
     return headers
+
+
+def local_answer(
+    head: RequestHead, route: Route, *, client_addr: str, request_id: bytes
+) -> Answer | None:
+    """The answer the proxy gives itself on ``route``, or None to go upstream.
+
+    A CORS preflight on a route with a CORS policy, and every request on a
+    ``respond`` route. The server's and the route's response header rules
+    apply to a ``respond`` answer as to an upstream's, and so do the CORS
+    fields of an actual request.
+    """
+    cors = route.cors
+    if cors is not None and is_preflight(head.method, head.headers):
+        preflight = cors.preflight(head.headers)
+        headers = [(n, v) for n, v in preflight.headers if n != b"content-length"]
+        return Answer(preflight.status, headers, preflight.body)
+    respond = route.settings.respond
+    if respond is None:
+        return None
+    headers = [(b"content-type", respond.content_type.encode()), (b"x-request-id", request_id)]
+    rules = route.headers.response
+    if rules:
+        values = None
+        if rules.placeholders:
+            values = TemplateValues(
+                request_id=request_id,
+                client_ip=client_addr.encode("latin-1"),
+                host=get_first(head.headers, b"host") or b"",
+                method=head.method,
+                path=head.target.partition(b"?")[0],
+                route=route.name.encode(),
+                process_time=format_process_time(0.0),
+            )
+        headers = rules.apply(headers, values)
+    if cors is not None:
+        headers = cors.response_headers(get_first(head.headers, b"origin"), headers)
+    return Answer(respond.status, headers, respond.body.encode())

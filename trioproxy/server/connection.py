@@ -25,7 +25,7 @@ from collections.abc import Callable
 
 import trio
 
-from trioproxy.config.model import RespondSpec, ServerSettings
+from trioproxy.config.model import ServerSettings
 from trioproxy.engine import Engine, ExchangeLog
 from trioproxy.errors import (
     BodyTooLarge,
@@ -37,8 +37,9 @@ from trioproxy.errors import (
     RelayError,
     UpstreamBrokenMidBody,
 )
-from trioproxy.http.answers import Answer, admission_error, error_answer, framed
+from trioproxy.http.answers import Answer, admission_error, error_answer, framed, local_answer
 from trioproxy.http.h11_impl import H11Server
+from trioproxy.http.headers import new_request_id, request_id_from
 from trioproxy.http.parsers import server_factory
 from trioproxy.http.protocol import (
     NEED_DATA,
@@ -255,9 +256,14 @@ class ClientConnection:
             self._body_limit = route.max_body_size
             self._check_declared_length(head)
             group = route.group
-            if group is None:
-                assert route.settings.respond is not None
-                return await self._respond(head, route.settings.respond, record, started)
+            if group is None or route.cors is not None:
+                record.request_id = request_id_from(head.headers) or new_request_id()
+                answer = local_answer(
+                    head, route, client_addr=self.client_addr, request_id=record.request_id
+                )
+                if answer is not None:
+                    return await self._answer_locally(head, answer, record, started)
+                assert group is not None
             # Counted, so that a group a reload removed closes its connections
             # only once its last exchange (or tunnel) has ended.
             group.enter()
@@ -265,7 +271,12 @@ class ClientConnection:
                 if not is_websocket_upgrade(head):
                     await self.state.engine.handle(head, route, self, record)
                 elif note := await serve_websocket(
-                    head, self, record, route=route, settings=self.state.websocket
+                    head,
+                    self,
+                    record,
+                    route=route,
+                    engine=self.state.engine,
+                    settings=self.state.websocket,
                 ):
                     self._access(head, record, started, note)
                     return False  # the tunnel ended: so did the connection
@@ -423,21 +434,16 @@ class ClientConnection:
                 raise ClientDisconnected(repr(exc)) from None
             raise
 
-    async def _respond(
-        self, head: RequestHead, respond: RespondSpec, record: ExchangeLog, started: float
+    async def _answer_locally(
+        self, head: RequestHead, answer: Answer, record: ExchangeLog, started: float
     ) -> bool:
-        """Answer a ``respond`` route's request from the proxy itself."""
-        record.upstream = "-"
-        record.status = respond.status
-        body = respond.body.encode()
+        """Send an answer the proxy made (a ``respond`` route, a CORS preflight)."""
+        record.status = answer.status
         while await self.receive_body():
-            pass  # the request's body is read and dropped: the route has no upstream
+            pass  # the request's body is read and dropped: it goes nowhere
         close = self.state.draining
-        await self._answer(
-            Answer(respond.status, [(b"content-type", respond.content_type.encode())], body),
-            close=close,
-        )
-        record.bytes_out = len(body)
+        await self._answer(answer, close=close)
+        record.bytes_out = len(answer.body)
         self._access(head, record, started, "")
         return not close and self.protocol.reusable
 

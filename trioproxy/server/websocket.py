@@ -41,7 +41,7 @@ from wsproto.utilities import generate_accept_token
 
 from trioproxy.balance.group import LiveGroup
 from trioproxy.balance.target import Target
-from trioproxy.engine import ExchangeLog
+from trioproxy.engine import Engine, ExchangeLog
 from trioproxy.errors import (
     ClientDisconnected,
     NoHealthyUpstream,
@@ -254,6 +254,7 @@ async def serve_websocket(
     record: ExchangeLog,
     *,
     route: Route,
+    engine: Engine,
     settings: WebSocketSettings,
 ) -> str | None:
     """Open the upstream WebSocket, accept the client, run the tunnel to its end.
@@ -279,12 +280,16 @@ async def serve_websocket(
     group = route.group
     assert group is not None, "a respond route is answered by the front end"
     balancing = Balancing(group)
+    # The route's path rewrite and header rules, as for any request.
+    sent = head
+    if route.has_transforms:
+        sent = engine.prepare_request(head, route, downstream.client_addr, record)
     target, upstream = await _connect(head, balancing, route, record)
     reported = False
     try:
         url = balancing.url(target)
         fields = upstream_request_headers(
-            head.headers,
+            sent.headers,
             client_addr=downstream.client_addr,
             scheme=downstream.scheme,
             upstream_host=url.origin.host_header,
@@ -292,8 +297,10 @@ async def serve_websocket(
             request_id=record.request_id,
             via=via_entry(b"1.1"),
         )
+        if route.headers.request:
+            fields = route.headers.request.apply(fields, record.values)
         host = get_first(fields, b"host") or url.origin.host_header
-        upstream_target = url.upstream_target(head.target)
+        upstream_target = url.upstream_target(sent.target)
         if not (host.isascii() and upstream_target.isascii()):
             raise BadWebSocketRequest("non-ASCII Host or request-target in a WebSocket upgrade")
         started = trio.current_time()
