@@ -1,8 +1,8 @@
-"""The command line's flags as one flat record, and ``--upstream`` option parsing.
+"""The flat record the listener takes until it takes the nested model.
 
-Transitional: ``to_config`` turns the flags into the nested model
-(:mod:`trioproxy.config.model`): one route ``default`` over one upstream group
-``default``.
+Transitional: ``from_config`` turns a nested :class:`~trioproxy.config.model.Config`
+of one plain route over one upstream group (what every command line means) into
+the flat record that ``ProxyServer`` reads today.
 """
 
 from __future__ import annotations
@@ -11,24 +11,14 @@ from typing import Any
 
 import attrs
 
-from trioproxy.balance.balancer import BreakerSettings
 from trioproxy.balance.health import HealthSettings
 from trioproxy.balance.target import TargetSpec
 from trioproxy.config.errors import ConfigError
 from trioproxy.config.model import (
-    AdminSettings,
     Config,
-    PassiveSettings,
-    PoolSettings,
-    RetrySettings,
     RouteSettings,
-    ServerSettings,
-    Timeouts,
-    UpstreamGroup,
-    UpstreamTLS,
 )
 from trioproxy.http.parsers import resolve
-from trioproxy.upstream.origin import BadUpstreamURL, UpstreamURL
 
 
 def _positive(instance: object, attribute: attrs.Attribute[Any], value: float) -> None:
@@ -119,95 +109,86 @@ class FlatConfig:
             raise ConfigError(f"max-body-size: must be >= 0, got {value!r}")
 
 
-_TARGET_OPTIONS = ("weight", "max_inflight", "health_path")
-
-
-def parse_target(text: str) -> TargetSpec:
-    """``URL[,weight=N][,max_inflight=N][,health_path=/p]`` → TargetSpec.
+def from_config(config: Config) -> FlatConfig:
+    """The flat record the listener takes today, for a config it can serve as it is:
+    one route over one upstream group, with no match, rewrite, headers, CORS,
+    direct answer, transform or per-route limit.
 
     Raises:
-        ConfigError: one line naming the value and what is wrong with it.
+        ConfigError: a line per route or key the listener cannot serve yet.
     """
-    url_text, *options = text.split(",")
-    try:
-        url = UpstreamURL.parse(url_text)
-    except BadUpstreamURL as exc:
-        raise ConfigError(str(exc)) from None
-    values: dict[str, object] = {}
-    for option in options:
-        key, sep, value = option.partition("=")
-        key = key.strip()
-        if not sep or key not in _TARGET_OPTIONS:
-            raise ConfigError(
-                f"{text!r}: unknown option {option!r} (use {', '.join(_TARGET_OPTIONS)})"
+    problems = []
+    if len(config.upstreams) != 1 or len(config.routes) != 1:
+        problems.append(
+            f"trioproxy: this version serves one route over one upstream group; "
+            f"the config has {len(config.routes)} routes and {len(config.upstreams)} groups"
+        )
+    if config.server.headers:
+        problems.append("trioproxy: server.headers: not served by this version yet")
+    for route in config.routes:
+        plain = RouteSettings(name=route.name, upstream=route.upstream)
+        if route != plain:
+            problems.append(
+                f"trioproxy: routes.{route.name}: only a plain route (upstream, no match, "
+                "rewrite, headers, cors, respond, timeouts, limits or transform) is served "
+                "by this version yet"
             )
-        if key == "health_path":
-            if not value.startswith("/"):
-                raise ConfigError(f"{text!r}: health_path must start with '/', got {value!r}")
-            values[key] = value
-        else:
-            if not value.isdigit() or int(value) < 1:
-                raise ConfigError(f"{text!r}: {key} must be a whole number >= 1, got {value!r}")
-            values[key] = int(value)
-    return TargetSpec(url=url, **values)  # type: ignore[arg-type]
-
-
-def to_config(flat: FlatConfig) -> Config:
-    """The nested model for what the flags say: one route ``default`` over one group
-    ``default`` (every command line of before the config file keeps working)."""
-    group = UpstreamGroup(
-        name="default",
-        servers=flat.upstreams,
-        strategy=flat.strategy,
-        health=HealthSettings(
-            enabled=flat.health_check,
-            method=flat.health_method.encode("ascii"),
-            path=flat.health_path,
-            interval=flat.health_interval,
-            timeout=flat.health_timeout,
-            rise=flat.health_rise,
-            fall=flat.health_fall,
-        ),
-        passive=PassiveSettings(eject_after=flat.eject_after, eject_for=flat.eject_for),
-        breaker=BreakerSettings(
-            failure_threshold=flat.breaker_failures,
-            window=flat.breaker_window,
-            open_for=flat.breaker_open_for,
-            half_open_max=flat.breaker_half_open,
-            success_threshold=flat.breaker_successes,
-        ),
-        retry=RetrySettings(
-            attempts=flat.retries, budget=flat.retry_budget, replay_limit=flat.retry_replay_limit
-        ),
-        pool=PoolSettings(
-            max_connections=flat.max_connections_per_upstream,
-            idle_timeout=flat.upstream_idle_timeout,
-            timeout=flat.pool_timeout,
-        ),
-        timeouts=Timeouts(connect=flat.connect_timeout, read=flat.read_timeout),
-        tls=UpstreamTLS(verify=not flat.insecure, ca=flat.upstream_ca),
-        preserve_host=flat.preserve_host,
-    )
-    server = ServerSettings(
-        host=flat.host,
-        port=flat.port,
-        http=flat.http,
-        log_level=flat.log_level,
-        grace=flat.grace,
-        header_timeout=flat.header_timeout,
-        body_timeout=flat.body_timeout,
-        keepalive_timeout=flat.keepalive_timeout,
-        max_header_size=flat.max_header_size,
-        max_body_size=flat.max_body_size,
-        ws_max_message_size=flat.ws_max_message_size,
-        ws_idle_timeout=flat.ws_idle_timeout,
-        admin=None
-        if flat.admin_port is None
-        else AdminSettings(host=flat.admin_host, port=flat.admin_port),
-        demo=flat.demo,
-    )
-    return Config(
-        server=server,
-        upstreams={"default": group},
-        routes=(RouteSettings(name="default", upstream="default"),),
+    for group in config.upstreams.values():
+        default = HealthSettings()
+        if (group.health.expected_min, group.health.expected_max) != (
+            default.expected_min,
+            default.expected_max,
+        ):
+            problems.append(
+                f"trioproxy: upstreams.{group.name}.health.expect: not served by this version yet"
+            )
+    if problems:
+        raise ConfigError(*problems)
+    group = next(iter(config.upstreams.values()))
+    server = config.server
+    health = group.health
+    breaker = group.breaker
+    return FlatConfig(
+        upstreams=group.servers,
+        host=server.host,
+        port=server.port,
+        log_level=server.log_level,
+        demo=server.demo,
+        connect_timeout=group.timeouts.connect,
+        read_timeout=group.timeouts.read,
+        header_timeout=server.header_timeout,
+        body_timeout=server.body_timeout,
+        keepalive_timeout=server.keepalive_timeout,
+        pool_timeout=group.pool.timeout,
+        upstream_idle_timeout=group.pool.idle_timeout,
+        grace=server.grace,
+        max_header_size=server.max_header_size,
+        max_body_size=server.max_body_size,
+        max_connections_per_upstream=group.pool.max_connections,
+        http=server.http,
+        preserve_host=group.preserve_host,
+        upstream_ca=group.tls.ca,
+        insecure=not group.tls.verify,
+        ws_max_message_size=server.ws_max_message_size,
+        ws_idle_timeout=server.ws_idle_timeout,
+        strategy=group.strategy,
+        health_check=health.enabled,
+        health_method=health.method.decode("ascii"),
+        health_path=health.path,
+        health_interval=health.interval,
+        health_timeout=health.timeout,
+        health_rise=health.rise,
+        health_fall=health.fall,
+        eject_after=group.passive.eject_after,
+        eject_for=group.passive.eject_for,
+        breaker_failures=breaker.failure_threshold,
+        breaker_window=breaker.window,
+        breaker_open_for=breaker.open_for,
+        breaker_half_open=breaker.half_open_max,
+        breaker_successes=breaker.success_threshold,
+        retries=group.retry.attempts,
+        retry_budget=group.retry.budget,
+        retry_replay_limit=group.retry.replay_limit,
+        admin_host=server.admin.host if server.admin else "127.0.0.1",
+        admin_port=server.admin.port if server.admin else None,
     )
