@@ -543,11 +543,11 @@ def _readable_file(b: _Builder, path: Path_) -> str | None:
 def _group(b: _Builder, name: str, demo: bool) -> UpstreamGroup:
     path = ("upstreams", name)
     fields = b.fields(path, GROUP)
-    given = b.get((*path, "servers"))
-    # (A list that failed its check was reported already.)
-    empty = given is None or fields.get("servers") == ()
-    if empty and not (demo and name == DEFAULT):
-        b.fail((*path, "servers"), "must list at least one server", b.get(path))
+    if not (demo and name == DEFAULT):
+        if b.get((*path, "servers")) is None:
+            b.fail(path, 'needs "servers", a list of at least one server')
+        elif fields.get("servers") == ():  # (a list that failed its check was reported)
+            b.fail((*path, "servers"), "must list at least one server")
     tls = b.fields((*path, "tls"), TLS)
     if b.get((*path, "tls", "ca")) is not None:
         tls["ca"] = _readable_file(b, (*path, "tls", "ca"))
