@@ -1,423 +1,516 @@
 """``python -m trioproxy``: command line → Config → serve.
 
-Bad usage exits 2 with one line naming the flag and the value; a running proxy
-exits 0 after a drain on SIGTERM/SIGINT.
+The configuration comes in layers (``trioproxy.config.load``): model defaults <
+TOML file < ``.env`` < environment < these flags. Every flag defaults to "not
+given", so that it overrides the layers below only when it is; ``--help`` shows
+the model's defaults.
+
+Bad usage exits 2: a line per bad value, naming its source (flag, variable, or
+file and key path) and the value; a running proxy exits 0 after a drain on
+SIGTERM/SIGINT.
 """
 
 from __future__ import annotations
 
 import argparse
 import gc
+import os
 import sys
-from collections.abc import Sequence
-from typing import NoReturn
+from collections.abc import Mapping, Sequence
+from typing import Any, NoReturn
 
 import attrs
 import trio
 
-from trioproxy.balance.strategies import make_strategy
 from trioproxy.balance.target import TargetSpec
-from trioproxy.config import ConfigError, parse_target
-from trioproxy.config.flat import FlatConfig as Config
-from trioproxy.config.flat import to_config
-from trioproxy.http.parsers import PARSER_CHOICES
+from trioproxy.config import ConfigError
+from trioproxy.config.load import CliValue, ConfigSources, load_config
+from trioproxy.config.model import AdminSettings, Config, ServerSettings, UpstreamGroup
+from trioproxy.config.values import HEALTH_METHODS, HTTP_PARSERS, LOG_LEVELS
 from trioproxy.observe import log_output
+from trioproxy.snapshot import build_snapshot
 from trioproxy.upstream.origin import UpstreamURL
-
-_LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
 
 #: Container allocations between two collections of CPython's youngest GC
 #: generation (CPython's default: 700). See :func:`tune_gc`.
 GC_GEN0_THRESHOLD = 10_000
 
-
-def _size(text: str) -> int:
-    """A byte size: 1048576, 64k, 10m, 1g (binary multiples)."""
-    units = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
-    value = text.strip().lower()
-    factor = 1
-    if value[-1:] in units:
-        factor = units[value[-1]]
-        value = value[:-1]
-        if value.endswith("i"):
-            value = value[:-1]
-    if not value.isdigit():
-        raise argparse.ArgumentTypeError(f"not a size: {text!r} (use e.g. 65536, 64k, 10m)")
-    return int(value) * factor
+# The defaults --help shows are the model's own.
+_SERVER = ServerSettings()
+_GROUP = UpstreamGroup(name="default", servers=())
 
 
-def _seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
-    if value != value or value < 0:  # NaN or negative
-        raise argparse.ArgumentTypeError(f"must be a number of seconds >= 0: {text!r}")
-    return value
+def _seconds(value: float) -> str:
+    return f"{value:g}"
 
 
-def _port(text: str) -> int:
-    if not text.isdigit() or not 0 <= int(text) <= 65535:
-        raise argparse.ArgumentTypeError(f"not a port (0-65535): {text!r}")
-    return int(text)
+def _bytes(value: int) -> str:
+    for unit, factor in (("g", 1 << 30), ("m", 1 << 20), ("k", 1 << 10)):
+        if value >= factor and value % factor == 0:
+            return f"{value // factor}{unit}"
+    return str(value)
 
 
-def _upstream(text: str) -> TargetSpec:
-    try:
-        return parse_target(text)
-    except ConfigError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
+@attrs.frozen
+class _Flag:
+    """Where a flag's value goes: a key path below the file's root, or below every
+    ``[upstreams.NAME]`` (``every_group``)."""
 
-
-def _count(text: str) -> int:
-    if not text.isdigit():
-        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}")
-    return int(text)
-
-
-def _ratio(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not 0 <= value <= 1:
-        raise argparse.ArgumentTypeError(f"must be between 0 and 1: {text!r}")
-    return value
+    path: tuple[str, ...]
+    every_group: bool = False
 
 
 class _Parser(argparse.ArgumentParser):
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        #: argparse dest → where its value goes.
+        self.flags: dict[str, _Flag] = {}
+
     def error(self, message: str) -> NoReturn:
         """Bad usage: one line naming the flag and the value, exit status 2."""
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+class _AppendUpstream(argparse.Action):
+    """``--upstream`` and ``--backend-url``: keep each value with the flag that gave it."""
+
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: Any,
+        option_string: str | None = None,
+    ) -> None:
+        given = [*(getattr(namespace, self.dest, None) or ()), (option_string, values)]
+        setattr(namespace, self.dest, given)
+
+
+_EPILOG = """\
+Configuration comes in layers, each over the one before: the defaults shown here,
+the TOML file (--config, or TRIOPROXY_CONFIG), .env (or --env-file), the
+environment (TRIOPROXY_PORT, TRIOPROXY_LOG_LEVEL... one per [server] key, and
+TRIOPROXY_UPSTREAM), then these flags. Server flags override [server] keys.
+Upstream group flags (--strategy, --health-*, --eject-*, --breaker-*, --retries,
+--retry-*, timeouts, pool, TLS and --preserve-host) set that key in every upstream
+group, the file's included. --upstream gives the servers of the group "default";
+with a file that defines routes, name them in an [upstreams.NAME] table instead.
+
+Example: python -m trioproxy --upstream http://127.0.0.1:8000 --port 8080
+"""
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="trioproxy",
         description="A streaming, cancellation-safe HTTP/1.1 reverse proxy built on trio.",
-        epilog="Example: python -m trioproxy --upstream http://127.0.0.1:8000 --port 8080",
+        epilog=_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        # Not given = absent, so that a flag overrides the file only when it is given.
+        argument_default=argparse.SUPPRESS,
     )
-    add = parser.add_argument
-    add(
+
+    def flag(
+        group: Any,
+        name: str,
+        path: tuple[str, ...],
+        *,
+        every_group: bool = False,
+        **kwargs: Any,
+    ) -> None:
+        action = group.add_argument(name, **kwargs)
+        parser.flags[action.dest] = _Flag(path, every_group)
+
+    def server(name: str, path: tuple[str, ...], **kwargs: Any) -> None:
+        flag(parser, name, path, **kwargs)
+
+    def upstream(group: Any, name: str, path: tuple[str, ...], **kwargs: Any) -> None:
+        flag(group, name, path, every_group=True, **kwargs)
+
+    files = parser.add_argument_group("configuration sources")
+    files.add_argument(
+        "--config",
+        metavar="FILE",
+        help="TOML configuration file (default: $TRIOPROXY_CONFIG, else none)",
+    )
+    files.add_argument(
+        "--env-file",
+        metavar="PATH",
+        help="read TRIOPROXY_* variables from this file (default: ./.env if it exists); "
+        "the real environment wins over it",
+    )
+    files.add_argument(
+        "--check-config",
+        action="store_true",
+        help="validate the configuration (every layer) without listening, print a summary "
+        "and exit: 0 if it is good, 2 with one line per problem if not",
+    )
+    files.add_argument(
+        "--watch",
+        action="store_true",
+        help="reload on file change (needs a config file)",
+    )
+
+    parser.add_argument(
         "--upstream",
-        action="append",
-        type=_upstream,
-        default=[],
+        "--backend-url",
+        dest="upstream",
+        action=_AppendUpstream,
         metavar="URL[,OPTIONS]",
         help="upstream base URL (http:// or https://, optional path prefix), optionally "
         "followed by ,weight=N ,max_inflight=N ,health_path=/path; repeat the flag for "
-        "several upstreams",
+        "several upstreams. These are the servers of the group 'default' "
+        "(default: $TRIOPROXY_UPSTREAM); --backend-url is the same flag",
     )
-    add(
+    upstream(
+        parser,
         "--strategy",
-        default="round_robin",
+        ("strategy",),
         metavar="NAME",
         help="balancing: round_robin, random, weighted, least_connections, fastest, or "
-        "package.module:Class for a custom one (default: %(default)s)",
+        f"package.module:Class for a custom one (default: {_GROUP.strategy})",
     )
-    add(
+    server(
         "--demo",
-        action="store_true",
+        ("server", "demo"),
+        action="store_const",
+        const=True,
         help="start two built-in demo upstreams in-process and proxy to them",
     )
-    add("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
-    add(
+    server("--host", ("server", "host"), help=f"address to listen on (default: {_SERVER.host})")
+    server(
         "--port",
-        type=_port,
-        default=8080,
-        help="port to listen on; 0 picks a free one (default: %(default)s)",
+        ("server", "port"),
+        help=f"port to listen on; 0 picks a free one (default: {_SERVER.port})",
     )
-    add("--log-level", default="info", choices=_LOG_LEVELS, help="(default: %(default)s)")
-    add(
+    server(
+        "--log-level",
+        ("server", "log_level"),
+        metavar="{" + ",".join(LOG_LEVELS) + "}",
+        help=f"(default: {_SERVER.log_level})",
+    )
+    server(
         "--http",
-        default="auto",
-        choices=PARSER_CHOICES,
+        ("server", "http"),
+        metavar="{" + ",".join(HTTP_PARSERS) + "}",
         help="HTTP/1.1 parser: httptools (llhttp, fast), h11 (pure Python, the reference), "
-        "or auto = httptools when installed (default: %(default)s)",
+        f"or auto = httptools when installed (default: {_SERVER.http})",
     )
-    add(
+    upstream(
+        parser,
         "--connect-timeout",
-        type=_seconds,
-        default=5.0,
+        ("timeouts", "connect"),
         metavar="S",
-        help="upstream connect (and TLS handshake) timeout (default: %(default)s)",
+        help="upstream connect (and TLS handshake) timeout "
+        f"(default: {_seconds(_GROUP.timeouts.connect)})",
     )
-    add(
+    upstream(
+        parser,
         "--read-timeout",
-        type=_seconds,
-        default=300.0,
+        ("timeouts", "read"),
         metavar="S",
         help="upstream idle time allowed between two reads; long for slow LLM streams "
-        "(default: %(default)s)",
+        f"(default: {_seconds(_GROUP.timeouts.read)})",
     )
-    add(
+    server(
         "--header-timeout",
-        type=_seconds,
-        default=10.0,
+        ("server", "header_timeout"),
         metavar="S",
-        help="time a client has to send a whole request head (default: %(default)s)",
+        help="time a client has to send a whole request head "
+        f"(default: {_seconds(_SERVER.header_timeout)})",
     )
-    add(
+    server(
         "--body-timeout",
-        type=_seconds,
-        default=60.0,
+        ("server", "body_timeout"),
         metavar="S",
-        help="client idle time allowed between two reads of a request body (default: %(default)s)",
+        help="client idle time allowed between two reads of a request body "
+        f"(default: {_seconds(_SERVER.body_timeout)})",
     )
-    add(
+    server(
         "--keepalive-timeout",
-        type=_seconds,
-        default=75.0,
+        ("server", "keepalive_timeout"),
         metavar="S",
-        help="how long an idle client keep-alive connection stays open (default: %(default)s)",
+        help="how long an idle client keep-alive connection stays open "
+        f"(default: {_seconds(_SERVER.keepalive_timeout)})",
     )
-    add(
+    server(
         "--max-header-size",
-        type=_size,
-        default=65536,
+        ("server", "max_header_size"),
         metavar="BYTES",
-        help="largest request head accepted, else 431 (default: %(default)s)",
+        help="largest request head accepted, else 431 "
+        f"(default: {_bytes(_SERVER.max_header_size)})",
     )
-    add(
+    server(
         "--max-body-size",
-        type=_size,
-        default=None,
+        ("server", "max_body_size"),
         metavar="BYTES",
         help="largest request body accepted, else 413 (default: unlimited)",
     )
-    add(
+    upstream(
+        parser,
         "--max-connections-per-upstream",
-        type=int,
-        default=256,
+        ("pool", "max_connections"),
         metavar="N",
-        help="cap on open connections to one upstream; callers wait (default: %(default)s)",
+        help="cap on open connections to one upstream; callers wait "
+        f"(default: {_GROUP.pool.max_connections})",
     )
-    add(
+    upstream(
+        parser,
         "--pool-timeout",
-        type=_seconds,
-        default=30.0,
+        ("pool", "timeout"),
         metavar="S",
         help="how long a request waits for a connection under that cap, else 503 "
-        "(default: %(default)s)",
+        f"(default: {_seconds(_GROUP.pool.timeout)})",
     )
-    add(
+    server(
         "--grace",
-        type=_seconds,
-        default=10.0,
+        ("server", "grace"),
         metavar="S",
-        help="on SIGTERM/SIGINT, how long in-flight requests may finish (default: %(default)s)",
+        help="on SIGTERM/SIGINT, how long in-flight requests may finish "
+        f"(default: {_seconds(_SERVER.grace)})",
     )
-    add(
+    upstream(
+        parser,
         "--preserve-host",
-        action="store_true",
+        ("preserve_host",),
+        action="store_const",
+        const=True,
         help="send the client's Host header upstream instead of the upstream's",
     )
-    health = parser.add_argument_group("health checks, breaker and retries")
-    health.add_argument("--no-health-check", action="store_true", help="do not probe the upstreams")
-    health.add_argument(
-        "--health-path", default="/", metavar="PATH", help="probe path (default: %(default)s)"
+    health = parser.add_argument_group(
+        "health checks, breaker and retries (each sets its key in every upstream group)"
     )
-    health.add_argument(
-        "--health-method", default="HEAD", choices=("HEAD", "GET"), help="(default: %(default)s)"
+    upstream(
+        health,
+        "--no-health-check",
+        ("health",),
+        action="store_const",
+        const=False,
+        help="do not probe the upstreams",
     )
-    health.add_argument(
+    upstream(
+        health,
+        "--health-path",
+        ("health", "path"),
+        metavar="PATH",
+        help=f"probe path (default: {_GROUP.health.path})",
+    )
+    upstream(
+        health,
+        "--health-method",
+        ("health", "method"),
+        metavar="{" + ",".join(HEALTH_METHODS) + "}",
+        help=f"(default: {_GROUP.health.method.decode()})",
+    )
+    upstream(
+        health,
         "--health-interval",
-        type=_seconds,
-        default=5.0,
+        ("health", "interval"),
         metavar="S",
-        help="seconds between probes of one upstream (default: %(default)s)",
+        help="seconds between probes of one upstream "
+        f"(default: {_seconds(_GROUP.health.interval)})",
     )
-    health.add_argument(
+    upstream(
+        health,
         "--health-timeout",
-        type=_seconds,
-        default=2.0,
+        ("health", "timeout"),
         metavar="S",
-        help="a probe slower than this fails (default: %(default)s)",
+        help=f"a probe slower than this fails (default: {_seconds(_GROUP.health.timeout)})",
     )
-    health.add_argument(
+    upstream(
+        health,
         "--health-rise",
-        type=_count,
-        default=2,
+        ("health", "rise"),
         metavar="N",
-        help="good probes in a row that make an upstream healthy (default: %(default)s)",
+        help=f"good probes in a row that make an upstream healthy (default: {_GROUP.health.rise})",
     )
-    health.add_argument(
+    upstream(
+        health,
         "--health-fall",
-        type=_count,
-        default=3,
+        ("health", "fall"),
         metavar="N",
-        help="failed probes in a row that make it unhealthy (default: %(default)s)",
+        help=f"failed probes in a row that make it unhealthy (default: {_GROUP.health.fall})",
     )
-    health.add_argument(
+    upstream(
+        health,
         "--eject-after",
-        type=_count,
-        default=3,
+        ("passive", "eject_after"),
         metavar="N",
         help="live connect errors or 5xx in a row that eject an upstream; 0 = never "
-        "(default: %(default)s)",
+        f"(default: {_GROUP.passive.eject_after})",
     )
-    health.add_argument(
+    upstream(
+        health,
         "--eject-for",
-        type=_seconds,
-        default=10.0,
+        ("passive", "eject_for"),
         metavar="S",
-        help="how long an ejected upstream gets no traffic (default: %(default)s)",
+        help="how long an ejected upstream gets no traffic "
+        f"(default: {_seconds(_GROUP.passive.eject_for)})",
     )
-    health.add_argument(
+    upstream(
+        health,
         "--breaker-failures",
-        type=_count,
-        default=5,
+        ("breaker", "failures"),
         metavar="N",
         help="failures within --breaker-window that open an upstream's circuit; 0 = no "
-        "breaker (default: %(default)s)",
+        f"breaker (default: {_GROUP.breaker.failure_threshold})",
     )
-    health.add_argument(
-        "--breaker-window", type=_seconds, default=10.0, metavar="S", help="(default: %(default)s)"
-    )
-    health.add_argument(
-        "--breaker-open-for",
-        type=_seconds,
-        default=30.0,
+    upstream(
+        health,
+        "--breaker-window",
+        ("breaker", "window"),
         metavar="S",
-        help="how long an open circuit stays open before trial requests (default: %(default)s)",
+        help=f"(default: {_seconds(_GROUP.breaker.window)})",
     )
-    health.add_argument(
+    upstream(
+        health,
+        "--breaker-open-for",
+        ("breaker", "open_for"),
+        metavar="S",
+        help="how long an open circuit stays open before trial requests "
+        f"(default: {_seconds(_GROUP.breaker.open_for)})",
+    )
+    upstream(
+        health,
         "--breaker-half-open",
-        type=_count,
-        default=3,
+        ("breaker", "half_open"),
         metavar="N",
-        help="trial requests admitted while half-open (default: %(default)s)",
+        help=f"trial requests admitted while half-open (default: {_GROUP.breaker.half_open_max})",
     )
-    health.add_argument(
+    upstream(
+        health,
         "--breaker-successes",
-        type=_count,
-        default=2,
+        ("breaker", "successes"),
         metavar="N",
-        help="trial successes that close the circuit again (default: %(default)s)",
+        help="trial successes that close the circuit again "
+        f"(default: {_GROUP.breaker.success_threshold})",
     )
-    health.add_argument(
+    upstream(
+        health,
         "--retries",
-        type=_count,
-        default=2,
+        ("retry", "attempts"),
         metavar="N",
-        help="extra attempts on other upstreams where safe; 0 = none (default: %(default)s)",
+        help="extra attempts on other upstreams where safe; 0 = none "
+        f"(default: {_GROUP.retry.attempts})",
     )
-    health.add_argument(
+    upstream(
+        health,
         "--retry-budget",
-        type=_ratio,
-        default=0.2,
+        ("retry", "budget"),
         metavar="RATIO",
-        help="retries at most this share of recent requests (default: %(default)s)",
+        help=f"retries at most this share of recent requests (default: {_GROUP.retry.budget})",
     )
-    health.add_argument(
+    upstream(
+        health,
         "--retry-replay-limit",
-        type=_size,
-        default=1 << 20,
+        ("retry", "replay_limit"),
         metavar="BYTES",
-        help="largest request body kept to be sent again on a retry (default: 1m)",
+        help="largest request body kept to be sent again on a retry "
+        f"(default: {_bytes(_GROUP.retry.replay_limit)})",
     )
     admin = parser.add_argument_group("admin listener")
-    admin.add_argument(
+    flag(
+        admin,
         "--admin-port",
-        type=_port,
-        default=None,
+        ("server", "admin", "port"),
         metavar="PORT",
         help="serve /health, /ping and /status on this port (default: off)",
     )
-    admin.add_argument(
-        "--admin-host", default="127.0.0.1", metavar="HOST", help="(default: %(default)s)"
+    flag(
+        admin,
+        "--admin-host",
+        ("server", "admin", "host"),
+        metavar="HOST",
+        help=f"(default: {AdminSettings().host})",
     )
-    add(
+    upstream(
+        parser,
         "--upstream-ca",
+        ("tls", "ca"),
         metavar="FILE",
         help="CA bundle to verify https upstreams with (default: the system's)",
     )
-    add(
+    upstream(
+        parser,
         "--insecure",
-        action="store_true",
+        ("tls", "verify"),
+        action="store_const",
+        const=False,
         help="do not verify https upstream certificates (never in production)",
     )
     websocket = parser.add_argument_group("WebSocket tunnels")
-    websocket.add_argument(
+    flag(
+        websocket,
         "--ws-max-message-size",
-        type=_size,
-        default=16 << 20,
+        ("server", "ws_max_message_size"),
         metavar="BYTES",
         help="largest WebSocket message relayed, either way; a larger one closes the tunnel "
-        "with 1009 (default: 16m)",
+        f"with 1009 (default: {_bytes(_SERVER.ws_max_message_size)})",
     )
-    websocket.add_argument(
+    flag(
+        websocket,
         "--ws-idle-timeout",
-        type=_seconds,
-        default=0.0,
+        ("server", "ws_idle_timeout"),
         metavar="S",
         help="close a WebSocket tunnel (1001) after S seconds with no data either way; "
-        "0 = never (default: 0)",
+        f"0 = never (default: {_seconds(_SERVER.ws_idle_timeout)})",
     )
     return parser
 
 
-def config_from_args(argv: Sequence[str] | None = None) -> Config:
+def sources_from_args(
+    parser: argparse.ArgumentParser,
+    args: argparse.Namespace,
+    environ: Mapping[str, str] | None = None,
+    cwd: str | None = None,
+) -> ConfigSources:
+    """What the command line says to read the configuration from (see ``build_parser``)."""
+    flags: dict[str, _Flag] = getattr(parser, "flags", {})
+    cli = [
+        CliValue(f"--{dest.replace('_', '-')}", flag.path, getattr(args, dest), flag.every_group)
+        for dest, flag in flags.items()
+        if hasattr(args, dest)
+    ]
+    upstreams: list[tuple[str, str]] = getattr(args, "upstream", [])
+    if upstreams:
+        texts = [text for _, text in upstreams]
+        cli.append(CliValue(upstreams[0][0], ("upstreams", "default", "servers"), texts))
+    return ConfigSources(
+        config_file=getattr(args, "config", None),
+        env_file=getattr(args, "env_file", None),
+        environ=dict(os.environ if environ is None else environ),
+        cwd=os.getcwd() if cwd is None else cwd,
+        cli=tuple(cli),
+        watch=getattr(args, "watch", False),
+    )
+
+
+def _exit_with(error: ConfigError) -> NoReturn:
+    for line in error.errors:
+        print(line, file=sys.stderr)
+    sys.exit(2)
+
+
+def config_from_args(
+    argv: Sequence[str] | None = None,
+    environ: Mapping[str, str] | None = None,
+    cwd: str | None = None,
+) -> Config:
+    """The configuration the command line, the environment (``os.environ`` by default),
+    ``.env`` and the file say, layered; exits 2 with a line per problem if it is bad."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    if not args.upstream and not args.demo:
-        parser.error("no upstream: give --upstream URL (repeatable) or --demo")
     try:
-        make_strategy(args.strategy)
-    except ValueError as exc:
-        parser.error(f"argument --strategy: {exc}")
-    if args.upstream_ca is not None:
-        try:
-            with open(args.upstream_ca, "rb"):
-                pass
-        except OSError as exc:
-            parser.error(f"--upstream-ca {args.upstream_ca!r}: {exc.strerror}")
-    try:
-        return Config(
-            upstreams=tuple(args.upstream),
-            demo=args.demo,
-            host=args.host,
-            port=args.port,
-            log_level=args.log_level,
-            http=args.http,
-            connect_timeout=args.connect_timeout,
-            read_timeout=args.read_timeout,
-            header_timeout=args.header_timeout,
-            body_timeout=args.body_timeout,
-            keepalive_timeout=args.keepalive_timeout,
-            max_header_size=args.max_header_size,
-            max_body_size=args.max_body_size,
-            max_connections_per_upstream=args.max_connections_per_upstream,
-            pool_timeout=args.pool_timeout,
-            grace=args.grace,
-            preserve_host=args.preserve_host,
-            upstream_ca=args.upstream_ca,
-            insecure=args.insecure,
-            ws_max_message_size=args.ws_max_message_size,
-            ws_idle_timeout=args.ws_idle_timeout,
-            strategy=args.strategy,
-            health_check=not args.no_health_check,
-            health_method=args.health_method,
-            health_path=args.health_path,
-            health_interval=args.health_interval,
-            health_timeout=args.health_timeout,
-            health_rise=args.health_rise,
-            health_fall=args.health_fall,
-            eject_after=args.eject_after,
-            eject_for=args.eject_for,
-            breaker_failures=args.breaker_failures,
-            breaker_window=args.breaker_window,
-            breaker_open_for=args.breaker_open_for,
-            breaker_half_open=args.breaker_half_open,
-            breaker_successes=args.breaker_successes,
-            retries=args.retries,
-            retry_budget=args.retry_budget,
-            retry_replay_limit=args.retry_replay_limit,
-            admin_host=args.admin_host,
-            admin_port=args.admin_port,
-        )
+        return load_config(sources_from_args(parser, args, environ, cwd))
     except ConfigError as exc:
-        parser.error(f"--{exc}")
+        _exit_with(exc)
+
+
+def summary(config: Config) -> str:
+    """``--check-config``'s line for a good configuration."""
+    return (
+        f"config OK: {len(config.routes)} routes, {len(config.upstreams)} upstream groups, "
+        f"{config.servers()} servers"
+    )
 
 
 def tune_gc() -> None:
@@ -441,22 +534,26 @@ def tune_gc() -> None:
     gc.set_threshold(GC_GEN0_THRESHOLD, 10, 10)
 
 
-async def _main(config: Config) -> int:
+async def _main(config: Config, sources: ConfigSources) -> int:
     from trioproxy.server.listener import ProxyServer, announce
 
     async with trio.open_nursery() as nursery:
-        if config.demo:
+        if config.server.demo:
             from trioproxy.demo import run_demo_upstreams
 
             urls = await run_demo_upstreams(nursery)
-            demo = tuple(TargetSpec(url=UpstreamURL.parse(url)) for url in urls)
-            config = attrs.evolve(config, upstreams=config.upstreams + demo)
-        server = ProxyServer(to_config(config))
+            config = with_demo_servers(config, urls)
+            sources = attrs.evolve(sources, demo_urls=tuple(urls))
+        watch = (
+            [path for path in (config.source, _env_file(sources)) if path] if config.watch else []
+        )
+        server = ProxyServer(config, load=lambda: _reload(sources), watch=watch)
         try:
             await server.bind()
         except OSError as exc:
+            host, port = config.server.host, config.server.port
             print(
-                f"trioproxy: cannot listen on {config.host}:{config.port}: {exc.strerror or exc}",
+                f"trioproxy: cannot listen on {host}:{port}: {exc.strerror or exc}",
                 file=sys.stderr,
             )
             nursery.cancel_scope.cancel()
@@ -469,12 +566,46 @@ async def _main(config: Config) -> int:
     return 0
 
 
+def with_demo_servers(config: Config, urls: Sequence[str]) -> Config:
+    """``config`` with the built-in demo upstreams added to its group ``default``."""
+    demo = tuple(TargetSpec(url=UpstreamURL.parse(url)) for url in urls)
+    group = config.upstreams["default"]
+    upstreams = {**config.upstreams, "default": attrs.evolve(group, servers=group.servers + demo)}
+    return attrs.evolve(config, upstreams=upstreams)
+
+
+def _reload(sources: ConfigSources) -> Config:
+    """The config read again from the same sources (the file, .env, the environment
+    as it was at start, the flags), the demo upstreams kept."""
+    config = load_config(sources)
+    if sources.demo_urls:
+        config = with_demo_servers(config, sources.demo_urls)
+    return config
+
+
+def _env_file(sources: ConfigSources) -> str | None:
+    path = sources.env_file or os.path.join(sources.cwd, ".env")
+    return path if os.path.exists(path) else None
+
+
 def main(argv: Sequence[str] | None = None) -> None:
-    config = config_from_args(argv)
-    log_output.install(config.log_level, "%(asctime)s %(levelname)s %(name)s: %(message)s")
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    sources = sources_from_args(parser, args)
+    try:
+        config = load_config(sources)
+        # What is only found wrong when made live (the router's rules, a body
+        # transform's import) is found now too, before anything is bound.
+        build_snapshot(config)
+    except ConfigError as exc:
+        _exit_with(exc)
+    if getattr(args, "check_config", False):
+        print(summary(config))
+        sys.exit(0)
+    log_output.install(config.server.log_level, "%(asctime)s %(levelname)s %(name)s: %(message)s")
     status = 0
     try:
-        status = trio.run(_main, config)
+        status = trio.run(_main, config, sources)
     except* KeyboardInterrupt:
         # Ctrl-C before the signal handlers are in place (nurseries wrap it).
         status = 0

@@ -60,6 +60,11 @@ FLAGS = (
     "--admin-host",
     "--ws-max-message-size",
     "--ws-idle-timeout",
+    "--config",
+    "--env-file",
+    "--check-config",
+    "--watch",
+    "--backend-url",
 )
 
 

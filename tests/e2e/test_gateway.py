@@ -15,6 +15,8 @@ from pathlib import Path
 
 import httpx
 import pytest
+import trio
+import trio_websocket
 from e2e.conftest import CannedUpstream
 from fixtures import raw_request, run_proxy
 
@@ -145,6 +147,7 @@ async def test_rewrites_reach_the_upstream_byte_exact(
 async def test_header_rules_on_requests_and_responses(
     tmp_path: Path, upstream: str, http_client: httpx.AsyncClient
 ) -> None:
+    client_template = "{client_ip} {route} {upstream} {{literal}}"
     config = write_config(
         tmp_path,
         f"""
@@ -156,7 +159,7 @@ async def test_header_rules_on_requests_and_responses(
         upstream = "api"
         match = {{ path_prefix = "/echo" }}
         [routes.echo.headers]
-        request_set = {{ "X-Gateway" = "trioproxy", "X-Client" = "{{client_ip}} {{route}} {{upstream}} {{{{literal}}}}" }}
+        request_set = {{ "X-Gateway" = "trioproxy", "X-Client" = "{client_template}" }}
         request_add = {{ "X-Seen" = "{{method}} {{path}}" }}
         request_remove = ["x-internal"]
         response_set = {{ "X-Process-Time" = "{{process_time}}" }}
@@ -326,11 +329,7 @@ async def test_body_transform_rewrites_the_request_body(
         assert "RuntimeError" in log
 
 
-async def test_websocket_upgrades_are_routed_and_rewritten(
-    tmp_path: Path, upstream: str
-) -> None:
-    import websockets
-
+async def test_websocket_upgrades_are_routed_and_rewritten(tmp_path: Path, upstream: str) -> None:
     config = write_config(
         tmp_path,
         f"""
@@ -347,9 +346,12 @@ async def test_websocket_upgrades_are_routed_and_rewritten(
     )
     async with run_proxy("--config", config) as proxy:
         ws_url = proxy.url.replace("http://", "ws://") + "/socket"
-        async with websockets.connect(ws_url) as ws:  # type: ignore[attr-defined]
-            await ws.send("hello")
-            assert await ws.recv() == "hello"
+        async with trio_websocket.open_websocket_url(ws_url) as ws:
+            await ws.send_message("hello")
+            assert await ws.get_message() == "hello"
+        # Other paths take the other route.
+        response = await raw_request(proxy.host, proxy.port, b"GET /x HTTP/1.1\r\nHost: t\r\n\r\n")
+        assert response.startswith(b"HTTP/1.1 404") and response.endswith(b"nope")
 
 
 async def test_reload_applies_a_good_config_and_refuses_a_bad_one(
@@ -367,12 +369,12 @@ async def test_reload_applies_a_good_config_and_refuses_a_bad_one(
     config = write_config(tmp_path, route_to(a))
     async with run_proxy("--config", config) as proxy:
         assert (await http_client.get(proxy.url + "/")).text == "A"
-        Path(config).write_text(route_to(b))
+        await trio.Path(config).write_text(route_to(b))
         proxy.process.send_signal(signal.SIGHUP)
         await proxy.wait_for_stderr("config reloaded (generation 2)")
         assert (await http_client.get(proxy.url + "/")).text == "B"
         # A bad config changes nothing, and says why in one line.
-        Path(config).write_text(route_to(a, 'match = { path_prefix = "nope" }\n'))
+        await trio.Path(config).write_text(route_to(a, 'match = { path_prefix = "nope" }\n'))
         proxy.process.send_signal(signal.SIGHUP)
         log = await proxy.wait_for_stderr("reload refused")
         assert "routes.r.match.path_prefix" in log

@@ -5,7 +5,7 @@ Sources, lowest to highest precedence: the model's defaults, the TOML file,
 """
 
 from trioproxy.config.errors import ConfigError
-from trioproxy.config.flat import parse_target
 from trioproxy.config.model import Config
+from trioproxy.config.values import parse_target
 
 __all__ = ["Config", "ConfigError", "parse_target"]

@@ -18,8 +18,9 @@ The shape::
          match, rewrite, headers, cors, respond, timeouts, max_body_size,
          body_transform
 
-Values are checked where they are loaded (``trioproxy.config.load``), so that
-an error can name its source and key path; the classes here hold what passed.
+Values are checked where they are loaded (``trioproxy.config.load``, with the
+checks of ``trioproxy.config.values``), so that an error can name its source
+and key path; the classes here hold what passed.
 """
 
 from __future__ import annotations
@@ -226,6 +227,8 @@ class Config:
     routes: tuple[RouteSettings, ...] = ()
     #: The file it was read from, if any (for reload and for messages).
     source: str | None = None
+    #: ``--watch``: reload when the file changes.
+    watch: bool = False
 
     def servers(self) -> int:
         return sum(len(group.servers) for group in self.upstreams.values())
