@@ -160,3 +160,21 @@ def test_help_shows_the_new_flags_and_the_layers(tmp_path: Path) -> None:
     assert "reload on file change" in result.stdout
     assert "TRIOPROXY_UPSTREAM" in result.stdout
     assert "(default: 8080)" in result.stdout
+
+
+EXAMPLES = sorted((Path(__file__).resolve().parents[2] / "examples").glob("*.toml"))
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=[path.name for path in EXAMPLES])
+def test_every_example_config_passes_check_config(path: Path, tmp_path: Path) -> None:
+    result = trioproxy(tmp_path, "--check-config", "--config", str(path))
+    assert (result.returncode, result.stderr) == (0, "")
+    assert result.stdout.startswith("config OK: ")
+
+
+def test_the_examples_are_there() -> None:
+    assert {path.name for path in EXAMPLES} >= {
+        "rest-api.toml",
+        "llm-openai.toml",
+        "websocket-app.toml",
+    }
