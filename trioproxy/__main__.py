@@ -15,6 +15,7 @@ from typing import NoReturn
 import attrs
 import trio
 
+from trioproxy.balance.health_rules import StatusRanges
 from trioproxy.balance.strategies import make_strategy
 from trioproxy.balance.target import TargetSpec
 from trioproxy.config import Config, ConfigError, parse_target
@@ -71,6 +72,15 @@ def _count(text: str) -> int:
     if not text.isdigit():
         raise argparse.ArgumentTypeError(f"not a whole number: {text!r}")
     return int(text)
+
+
+def _statuses(text: str) -> StatusRanges:
+    try:
+        return StatusRanges.parse(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(
+            f"{exc} in {text!r} (use e.g. 200, 200,204 or 200-299)"
+        ) from None
 
 
 def _ratio(text: str) -> float:
@@ -213,7 +223,19 @@ def build_parser() -> argparse.ArgumentParser:
     health = parser.add_argument_group("health checks, breaker and retries")
     health.add_argument("--no-health-check", action="store_true", help="do not probe the upstreams")
     health.add_argument(
-        "--health-path", default="/", metavar="PATH", help="probe path (default: %(default)s)"
+        "--health-path",
+        default=None,
+        metavar="PATH",
+        help="probe path, expected to answer 200-399 (or --health-expect); by default / is "
+        "probed and any answer below 500 passes",
+    )
+    health.add_argument(
+        "--health-expect",
+        type=_statuses,
+        default=None,
+        metavar="STATUSES",
+        help="statuses that pass a probe: codes and ranges, e.g. 200 or 200,204 or 200-299 "
+        "(default: 200-399 with a health path, else any below 500)",
     )
     health.add_argument(
         "--health-method", default="HEAD", choices=("HEAD", "GET"), help="(default: %(default)s)"
@@ -397,6 +419,7 @@ def config_from_args(argv: Sequence[str] | None = None) -> Config:
             health_check=not args.no_health_check,
             health_method=args.health_method,
             health_path=args.health_path,
+            health_expect=args.health_expect,
             health_interval=args.health_interval,
             health_timeout=args.health_timeout,
             health_rise=args.health_rise,

@@ -10,6 +10,7 @@ from typing import Any
 
 import attrs
 
+from trioproxy.balance.health_rules import StatusRanges
 from trioproxy.balance.target import TargetSpec
 from trioproxy.http.parsers import resolve
 from trioproxy.upstream.origin import BadUpstreamURL, UpstreamURL
@@ -67,7 +68,10 @@ class Config:
     # Active health checks.
     health_check: bool = True
     health_method: str = "HEAD"
-    health_path: str = "/"
+    # None: no health path configured, so a liveness probe of "/" (any status
+    # below 500 passes; see balance/health_rules.py). expect None: the default.
+    health_path: str | None = attrs.field(default=None)
+    health_expect: StatusRanges | None = None
     health_interval: float = attrs.field(default=5.0, validator=_positive)
     health_timeout: float = attrs.field(default=2.0, validator=_positive)
     health_rise: int = attrs.field(default=2, validator=_positive)
@@ -100,6 +104,11 @@ class Config:
             resolve(value)
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
+
+    @health_path.validator
+    def _check_health_path(self, attribute: attrs.Attribute[str | None], value: str | None) -> None:
+        if value is not None and not value.startswith("/"):
+            raise ConfigError(f"health-path: must start with '/', got {value!r}")
 
     @max_body_size.validator
     def _check_body(self, attribute: attrs.Attribute[int | None], value: int | None) -> None:

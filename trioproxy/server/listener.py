@@ -99,6 +99,7 @@ def build_health(config: Config, engine: Engine) -> HealthService:
             enabled=config.health_check,
             method=config.health_method.encode("ascii"),
             path=config.health_path,
+            expect=config.health_expect,
             interval=config.health_interval,
             timeout=config.health_timeout,
             rise=config.health_rise,
@@ -107,6 +108,8 @@ def build_health(config: Config, engine: Engine) -> HealthService:
         ssl_context=engine.pool.ssl_context,
         protocol_factory=engine.pool.protocol_factory,
         on_recovered=lambda target: balancer.reinstate(target, trio.current_time()),
+        status_hint="set --health-path (or health_path= per upstream) and --health-expect "
+        "to the statuses it answers",
     )
 
 
