@@ -292,7 +292,16 @@ def build_parser() -> argparse.ArgumentParser:
         "--health-path",
         ("health", "path"),
         metavar="PATH",
-        help=f"probe path (default: {_GROUP.health.path})",
+        help="probe path, expected to answer 200-399 (or --health-expect); by default / is "
+        "probed and any answer below 500 passes",
+    )
+    upstream(
+        health,
+        "--health-expect",
+        ("health", "expect"),
+        metavar="STATUSES",
+        help="statuses that pass a probe: codes and ranges, e.g. 200 or 200,204 or 200-299 "
+        "(default: 200-399 with a health path, else any below 500)",
     )
     upstream(
         health,

@@ -11,9 +11,10 @@ from collections.abc import Awaitable, Callable
 
 import pytest
 import trio
-from memory import FakeUpstream, ReceivedRequest, Reply, ok
+from memory import FakeUpstream, Handler, ReceivedRequest, Reply, UpstreamPeer, ok
 
 from trioproxy.balance.health import HealthService, HealthSettings
+from trioproxy.balance.health_rules import StatusRanges
 from trioproxy.balance.target import Target, TargetSpec
 from trioproxy.upstream.origin import Origin, UpstreamURL
 
@@ -29,8 +30,15 @@ class Upstreams:
         self.nursery = nursery
         self.by_host: dict[str, FakeUpstream] = {}
 
-    def add(self, host: str, app: App | None = None, *, refuse: bool = False) -> FakeUpstream:
-        fake = FakeUpstream(self.nursery, app=app or _ok, refuse=refuse)
+    def add(
+        self,
+        host: str,
+        app: App | None = None,
+        *,
+        refuse: bool = False,
+        handler: Handler | None = None,
+    ) -> FakeUpstream:
+        fake = FakeUpstream(self.nursery, handler, app=app or _ok, refuse=refuse)
         self.by_host[host] = fake
         return fake
 
@@ -106,7 +114,7 @@ async def test_a_target_failing_its_first_probe_starts_unhealthy(
     assert not refused.healthy
     assert not erroring.healthy
     assert not silent.healthy
-    assert health.state(erroring).last_error == "status 500"
+    assert health.state(erroring).last_error == "status 500 on HEAD /"
     assert "no answer within 2.0 s" in health.state(silent).last_error
     assert health.state(refused).last_error
 
@@ -192,29 +200,109 @@ async def test_an_interrupted_run_of_failures_does_not_flip_it(
 
 @pytest.mark.parametrize(
     ("status", "good"),
-    [(200, True), (204, True), (302, True), (399, True), (404, False), (500, False), (503, False)],
+    [(200, True), (302, True), (404, True), (405, True), (499, True), (500, False), (503, False)],
 )
-async def test_expected_statuses_are_200_to_399_by_default(
+async def test_with_no_health_path_any_answer_below_500_passes(
     nursery: trio.Nursery, autojump_clock: trio.testing.MockClock, status: int, good: bool
 ) -> None:
+    # The default probe is liveness: an API whose / is 404, or a server answering
+    # HEAD with 405, is up; a 5xx says it cannot serve.
     upstreams = Upstreams(nursery)
     upstreams.add("a", status_app([status]))
     a = target("a")
     health = service(upstreams, [a])
     result, latency, detail = await health.probe(a)
-    assert (result, detail) == (good, "" if good else f"status {status}")
+    assert (result, detail) == (good, "" if good else f"status {status} on HEAD /")
     assert latency == 0.0  # an answer, good or bad, is measured (memory streams: no time)
 
 
-async def test_expected_statuses_can_be_narrowed(
+@pytest.mark.parametrize(
+    ("status", "good"),
+    [(200, True), (204, True), (302, True), (399, True), (404, False), (500, False), (503, False)],
+)
+@pytest.mark.parametrize("where", ["global", "per-target"])
+async def test_a_configured_health_path_expects_200_to_399(
+    nursery: trio.Nursery,
+    autojump_clock: trio.testing.MockClock,
+    status: int,
+    good: bool,
+    where: str,
+) -> None:
+    upstreams = Upstreams(nursery)
+    upstreams.add("a", status_app([status]))
+    a = target("a", health_path=None if where == "global" else "/healthz")
+    health = service(upstreams, [a], path="/healthz" if where == "global" else None)
+    result, _, detail = await health.probe(a)
+    assert (result, detail) == (good, "" if good else f"status {status} on HEAD /healthz")
+
+
+async def test_a_per_target_health_path_leaves_the_others_on_liveness(
     nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
 ) -> None:
     upstreams = Upstreams(nursery)
-    upstreams.add("a", status_app([302]))
+    upstreams.add("own", status_app([404]))
+    upstreams.add("plain", status_app([404]))
+    own, plain = target("own", health_path="/ready"), target("plain")
+    await nursery.start(service(upstreams, [own, plain]).run)
+    assert not own.healthy
+    assert plain.healthy
+
+
+@pytest.mark.parametrize("path", [None, "/healthz"])
+async def test_expected_statuses_can_be_set(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock, path: str | None
+) -> None:
+    upstreams = Upstreams(nursery)
+    box = [302]
+    upstreams.add("a", status_app(box))
     a = target("a")
-    health = service(upstreams, [a], expected_min=200, expected_max=299)
-    ok_, _, detail = await health.probe(a)
-    assert not ok_ and detail == "status 302"
+    health = service(upstreams, [a], path=path, expect=StatusRanges.parse("200-299,404"))
+    assert (await health.probe(a))[0] is False
+    box[0] = 404
+    assert (await health.probe(a))[0] is True
+
+
+async def test_garbage_instead_of_http_fails_the_default_probe(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+) -> None:
+    async def not_http(peer: UpstreamPeer) -> None:
+        await peer.receive_some()
+        await peer.send(b"SSH-2.0-OpenSSH_9.6\r\n")
+        await peer.aclose()
+
+    upstreams = Upstreams(nursery)
+    upstreams.add("ssh", handler=not_http)
+    ssh = target("ssh")
+    result, latency, detail = await service(upstreams, [ssh]).probe(ssh)
+    assert (result, latency) == (False, None)
+    assert detail
+
+
+async def test_the_first_round_warning_names_the_status_and_the_fix(
+    nursery: trio.Nursery,
+    autojump_clock: trio.testing.MockClock,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    upstreams = Upstreams(nursery)
+    upstreams.add("a", status_app([404]))
+    upstreams.add("dead", refuse=True)
+    a, dead = target("a"), target("dead")
+    health = HealthService(
+        [a, dead],
+        HealthSettings(path="/healthz"),
+        connector=upstreams.connector,
+        status_hint="set --health-path and --health-expect",
+    )
+    with caplog.at_level("WARNING", logger="trioproxy.health"):
+        await nursery.start(health.run)
+    lines = {record.getMessage() for record in caplog.records}
+    assert (
+        "http://a:8000 is unhealthy at start: status 404 on HEAD /healthz; "
+        "set --health-path and --health-expect"
+    ) in lines
+    # A refused connection is no matter of paths or statuses: no such advice.
+    (refused,) = [line for line in lines if line.startswith("http://dead:8000")]
+    assert "--health-path" not in refused
 
 
 async def test_a_probe_slower_than_the_timeout_fails(

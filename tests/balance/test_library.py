@@ -62,6 +62,19 @@ async def test_ping_path_is_readable_and_settable(upstream: str) -> None:
         checker.ping_path = "no-slash"
 
 
+async def test_a_ping_expects_200_to_399_unless_told_otherwise(upstream: str) -> None:
+    # The library pings a path, as fastapi-reverse-proxy does: a 404 there is a failed
+    # ping (the CLI's liveness default is not this API's), unless expect= says so.
+    async with HealthChecker([upstream], ping_path="/missing", timeout=2) as checker:
+        assert not checker.is_healthy(upstream)
+    async with HealthChecker([upstream], ping_path="/missing", timeout=2, expect=[404]) as checker:
+        assert checker.is_healthy(upstream)
+    async with HealthChecker([upstream], timeout=2, expect=["300-399"]) as checker:
+        assert not checker.is_healthy(upstream)  # / answers 200
+    with pytest.raises(ValueError, match="status"):
+        HealthChecker([upstream], expect=["2xx"])
+
+
 async def test_start_and_aclose_are_the_halves_of_async_with(upstream: str) -> None:
     checker = HealthChecker([upstream], timeout=2)
     await checker.start()

@@ -76,7 +76,7 @@ def test_the_example_of_issue_13_loads_into_the_model(tmp_path: Path) -> None:
     ]
     assert api.strategy == "least_connections"
     assert api.health.path == "/healthz"
-    assert (api.health.expected_min, api.health.expected_max) == (200, 200)
+    assert api.health.expect is not None and str(api.health.expect) == "200"
     assert api.breaker.failure_threshold == 5
     assert api.breaker.half_open_max == 3
     assert api.breaker.success_threshold == 2
@@ -426,9 +426,9 @@ ROUTE = '[upstreams.api]\nservers = ["http://a:1"]\n[routes.users]\nupstream = "
             'upstreams.default.health: must be a table or false, got "off"',
         ),
         (
-            SIMPLE + "health = { expect = [200, 204] }\n",
-            "upstreams.default.health.expect: must be consecutive statuses (one range) for now, "
-            "got [200, 204]",
+            SIMPLE + 'health = { expect = [200, "2xx"] }\n',
+            "upstreams.default.health.expect: must be HTTP statuses 100..599 or ranges like "
+            '"200-299", got [200, "2xx"]',
         ),
         (
             "[server]\nport = 8080\nadmin = { port = 8080 }\n" + SIMPLE,

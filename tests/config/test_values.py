@@ -139,10 +139,13 @@ def test_paths_regexes_and_references() -> None:
 
 
 def test_statuses() -> None:
-    assert values.statuses([204, 200, 200]) == (200, 204)
-    assert values.statuses(200) == (200,)
+    assert str(values.statuses([204, 200])) == "204,200"
+    assert str(values.statuses(200)) == "200"
+    assert str(values.statuses([200, "300-399"])) == "200,300-399"
+    assert str(values.statuses("200,204")) == "200,204"  # as --health-expect gives it
+    assert 204 in values.statuses("200-299") and 300 not in values.statuses("200-299")
     assert reason(values.statuses, [200, 600]) == [
-        ("", "must be HTTP statuses 100..599, got [200, 600]")
+        ("", 'must be HTTP statuses 100..599 or ranges like "200-299", got [200, 600]')
     ]
     assert values.status(404) == 404
     assert reason(values.status, 99) == [("", "must be an HTTP status 200..599, got 99")]

@@ -53,12 +53,19 @@ class Upstream:
         delay: seconds to wait before answering anything, probes included.
         probe_delay: further seconds to wait before answering a probe.
         routes: path → misbehaviour.
+        statuses: path → the status of every answer for it, probes included, as from
+            a server with no route there (404) or one that cannot serve (503). The
+            test may change it while the upstream runs.
+        head_status: the status of every ``HEAD`` answer, as from a server that
+            serves only ``GET`` (405).
     """
 
     name: str
     delay: float = 0.0
     probe_delay: float = 0.0
     routes: dict[str, Route] = attrs.Factory(dict)
+    statuses: dict[str, int] = attrs.Factory(dict)
+    head_status: int | None = None
     port: int = 0
     seen: list[Seen] = attrs.Factory(list)
     #: Requests waiting on a "hold" route right now.
@@ -188,6 +195,11 @@ class Upstream:
             finally:
                 self.held -= 1
         status, body = (503, b"busy " + self.name.encode()) if route == "503" else (200, b"")
+        if seen.method == "HEAD" and self.head_status is not None:
+            status = self.head_status
+        elif seen.target in self.statuses:
+            status = self.statuses[seen.target]
+            body = b"%d from %s" % (status, self.name.encode())
         body = body or self.name.encode()
         headers = [("content-length", str(len(body))), ("x-upstream", self.name)]
         # One write per response: a kill (a cancellation) cannot cut one in half.

@@ -449,3 +449,104 @@ async def test_the_first_probe_round_ends_before_the_proxy_listens(nursery: trio
         assert {r.body for r in replies} == {b"slow", b"own"}
         assert "retrying" not in await proxy.settled_stderr()
     print(f"start with a 0.5 s probe answer: listening {listening - started:.3f} s after launch")
+
+
+# --- out of the box: the default probe and --health-expect -------------------------------
+
+
+async def test_the_default_probe_keeps_upstreams_whose_root_is_404_or_head_is_405(
+    nursery: trio.Nursery,
+) -> None:
+    # Default flags: an API with nothing at / (FastAPI, vLLM, nginx with no / location)
+    # and a server that answers HEAD with 405 are alive, and get their share.
+    (api,) = await start_upstreams(nursery, "api", statuses={"/": 404})
+    (get_only,) = await start_upstreams(nursery, "get-only", head_status=405)
+    (plain,) = await start_upstreams(nursery, "plain")
+    ups = [api, get_only, plain]
+    async with (
+        run_proxy(*upstream_args(ups), health_check=True) as proxy,
+        Client(proxy.host, proxy.port) as client,
+    ):
+        replies = [await client.get() for _ in range(30)]
+        log = await proxy.settled_stderr()
+    assert [(p.method, p.target) for u in ups for p in u.probes()] == [("HEAD", "/")] * 3
+    assert statuses(replies) == {200: 30}
+    assert [len(u.requests("/who")) for u in ups] == [10, 10, 10]
+    assert "unhealthy" not in log, log
+
+
+async def test_the_default_probe_still_takes_out_a_stopped_or_503_upstream(
+    nursery: trio.Nursery,
+) -> None:
+    stopped, failing, healthy = await start_upstreams(nursery, "stopped", "failing", "healthy")
+    args = upstream_args([stopped, failing, healthy])
+    async with run_proxy(*args, *FAST_HEALTH, "--admin-port", "0", health_check=True) as proxy:
+        admin = await admin_url(proxy)
+        start = trio.current_time()
+        await stopped.kill()
+        failing.statuses.update({"/": 503, "/who": 503})
+        within = FALL * INTERVAL + SLACK
+        stopped_down = await wait_until_status(
+            admin, stopped.url, False, key="healthy", within=within
+        )
+        failing_down = await wait_until_status(
+            admin, failing.url, False, key="healthy", within=within
+        )
+        assert (await target_status(admin, healthy.url))["healthy"]
+        async with Client(proxy.host, proxy.port) as client:
+            replies = [await client.get() for _ in range(10)]
+    print(
+        f"default probe: stopped upstream down after {stopped_down - start:.3f} s, "
+        f"503 upstream after {failing_down - start:.3f} s (fall x interval = {FALL * INTERVAL} s)"
+    )
+    assert {(r.status, r.body) for r in replies} == {(200, b"healthy")}
+
+
+async def test_a_configured_health_path_answering_404_takes_the_upstream_out(
+    nursery: trio.Nursery,
+) -> None:
+    (a,) = await start_upstreams(nursery, "a", statuses={"/healthz": 404})
+    async with (
+        run_proxy(*upstream_args([a]), "--health-path", "/healthz", health_check=True) as proxy,
+        Client(proxy.host, proxy.port) as client,
+    ):
+        reply = await client.get()
+        log = await proxy.settled_stderr()
+    assert reply.status == 503
+    assert a.requests("/who") == []
+    assert (
+        f"{a.url} is unhealthy at start: status 404 on HEAD /healthz; set health.path "
+        "(--health-path, or health_path= per server) and health.expect (--health-expect) "
+        "to the statuses it answers"
+    ) in log
+
+    # Told that 404 is what its health endpoint answers, the proxy keeps it.
+    async with (
+        run_proxy(
+            *upstream_args([a]),
+            "--health-path",
+            "/healthz",
+            "--health-expect",
+            "404",
+            health_check=True,
+        ) as proxy,
+        Client(proxy.host, proxy.port) as client,
+    ):
+        reply = await client.get()
+    assert (reply.status, reply.body) == (200, b"a")
+
+
+async def test_a_per_upstream_health_path_expects_200_to_399_from_that_upstream_only(
+    nursery: trio.Nursery,
+) -> None:
+    (a,) = await start_upstreams(nursery, "a", statuses={"/ready": 404})
+    (b,) = await start_upstreams(nursery, "b", statuses={"/": 404})
+    args = upstream_args([a, b], "health_path=/ready")
+    async with (
+        run_proxy(*args, health_check=True) as proxy,
+        Client(proxy.host, proxy.port) as client,
+    ):
+        replies = [await client.get() for _ in range(6)]
+    assert [(p.method, p.target) for p in a.probes()] == [("HEAD", "/ready")]
+    # b has no health path of its own: a liveness probe of /, which its 404 passes.
+    assert {(r.status, r.body) for r in replies} == {(200, b"b")}

@@ -41,6 +41,7 @@ FLAGS = (
     "--strategy",
     "--no-health-check",
     "--health-path",
+    "--health-expect",
     "--health-method",
     "--health-interval",
     "--health-timeout",
@@ -100,8 +101,29 @@ async def test_help_lists_every_flag() -> None:
         (["--upstream", "http://127.0.0.1:1", "--max-body-size", "lots"], ["--max-body-size"]),
         (["--upstream", "http://127.0.0.1:1", "--header-timeout", "0"], ["--header-timeout", "0"]),
         ([], ["--upstream", "--demo"]),
+        (["--upstream", "http://127.0.0.1:1", "--health-expect", "ok"], ["--health-expect", "ok"]),
+        (
+            ["--upstream", "http://127.0.0.1:1", "--health-expect", "299-200"],
+            ["--health-expect", "299-200"],
+        ),
+        (
+            ["--upstream", "http://127.0.0.1:1", "--health-expect", "200,700"],
+            ["--health-expect", "700"],
+        ),
+        (["--upstream", "http://127.0.0.1:1", "--health-path", "hz"], ["--health-path", "hz"]),
     ],
-    ids=["scheme", "port", "seconds", "size", "zero-timeout", "no-upstream"],
+    ids=[
+        "scheme",
+        "port",
+        "seconds",
+        "size",
+        "zero-timeout",
+        "no-upstream",
+        "expect-word",
+        "expect-range",
+        "expect-high",
+        "health-path",
+    ],
 )
 async def test_bad_usage_is_one_line_and_exit_2(args: list[str], expected: list[str]) -> None:
     result = await trioproxy(*args)

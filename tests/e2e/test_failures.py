@@ -236,6 +236,32 @@ async def test_malformed_request_is_refused_then_closed(
     assert_clean_log(proxy)
 
 
+@pytest.mark.parametrize("after_a_request", [False, True], ids=["first", "after-keep-alive"])
+async def test_an_http09_request_line_gets_400_at_once(
+    canned_upstream: Any, raw_connect: Any, parser: str, after_a_request: bool
+) -> None:
+    # An HTTP/0.9 client sends "GET /path" CRLF and nothing more: the proxy must not
+    # wait for the rest of a head (the header timeout, 10 s by default) to refuse it.
+    canned = await canned_upstream(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+    async with run_proxy("--http", parser, "--upstream", canned.url) as proxy:
+        conn = await raw_connect(proxy)
+        if after_a_request:
+            await conn.send(b"GET / HTTP/1.1\r\nHost: p\r\n\r\n")
+            assert (await conn.read_response()).body == b"ok"
+        start = trio.current_time()
+        await conn.send(b"GET /path\r\n")
+        response = await conn.read_response(within=3)
+        assert await conn.read_to_eof(within=3) == b""
+        took = trio.current_time() - start
+        await conn.aclose()
+    print(f"HTTP/0.9 line ({parser}): 400 and closed after {took * 1000:.1f} ms")
+    assert_short_error(response, 400)
+    assert response.get("connection") == "close"
+    assert took < 0.1, took
+    assert canned.connections == (1 if after_a_request else 0)
+    assert_clean_log(proxy)
+
+
 # 2 KB arrives in one read, whole; 100 KB over several.
 @pytest.mark.parametrize("size", [2_000, 100_000], ids=["2KB", "100KB"])
 async def test_request_head_over_the_limit(

@@ -307,6 +307,49 @@ async def test_hop_by_hop_headers_are_not_forwarded(
     assert echo_values(echo, "x-kept") == ["yes"]
 
 
+async def test_a_request_body_whose_length_connection_names_arrives_whole(
+    upstream: str, raw_connect: Any, parser: str
+) -> None:
+    # Listing Content-Length as a connection option is a client bug (RFC 9110 §7.6.1);
+    # obeying it would forward the POST with no length, so with no body. Like nginx,
+    # the proxy keeps the framing.
+    body = bytes(range(64))
+    async with run_proxy("--http", parser, "--upstream", upstream) as proxy:
+        conn = await raw_connect(proxy)
+        await conn.send(
+            b"POST /echo HTTP/1.1\r\nHost: proxy\r\n"
+            b"Connection: Content-Length, X-Secret\r\nX-Secret: 1\r\n"
+            b"Content-Length: 64\r\n\r\n" + body
+        )
+        response = await conn.read_response()
+        # The connection is still in step: a second request gets its own answer.
+        await conn.send(b"GET /echo/next HTTP/1.1\r\nHost: proxy\r\n\r\n")
+        following = await conn.read_response()
+    assert response.status == 200
+    echo = response.json()
+    assert (echo["body_len"], echo["body_sha256"]) == (64, hashlib.sha256(body).hexdigest())
+    assert echo_values(echo, "content-length") == ["64"]
+    assert echo_values(echo, "x-secret") == []  # the other option is still obeyed
+    assert following.json()["target"] == "/echo/next"
+
+
+async def test_a_response_body_whose_length_connection_names_keeps_its_length(
+    canned_upstream: Any, raw_connect: Any, parser: str
+) -> None:
+    canned = await canned_upstream(
+        b"HTTP/1.1 200 OK\r\nConnection: content-length, X-Internal\r\nX-Internal: 1\r\n"
+        b"Content-Length: 5\r\n\r\nhello"
+    )
+    async with run_proxy("--http", parser, "--upstream", canned.url) as proxy:
+        conn = await raw_connect(proxy)
+        await conn.send(b"GET / HTTP/1.1\r\nHost: proxy\r\n\r\n")
+        response = await conn.read_response()
+    assert (response.status, response.body) == (200, b"hello")
+    assert response.get_all("content-length") == ["5"]
+    assert response.get_all("transfer-encoding") == []
+    assert response.get_all("x-internal") == []
+
+
 async def test_forwarding_headers(upstream: str, raw_connect: Any, parser: str) -> None:
     async with run_proxy("--http", parser, "--upstream", upstream) as proxy:
         conn = await raw_connect(proxy)

@@ -19,7 +19,9 @@ import random
 import shlex
 import signal
 import ssl
-from collections.abc import Awaitable, Callable
+import threading
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -32,9 +34,11 @@ import trio_websocket
 import trustme
 import upstream_app
 from e2e.resources import RSS_LIMIT, MiB, RssMonitor, fd_count, wait_for_fds
-from fixtures import ProxyProcess, reset, run_proxy, serve_asgi
+from fixtures import ProxyProcess, raw_request, reset, run_proxy, serve_asgi
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.sync.client import ClientConnection, connect
+from websockets.sync.server import ServerConnection
+from websockets.sync.server import serve as websockets_serve
 from wsproto.connection import Connection, ConnectionType
 from wsproto.events import (
     AcceptConnection,
@@ -591,6 +595,52 @@ async def test_least_connections_counts_tunnels_and_status_shows_them(
                 status = await _get_json(admin + "/status")
     assert len(seen_a) == len(seen_b) == 1
     assert sorted(t["tunnels"] for t in status["targets"]) == [1, 1]
+
+
+@asynccontextmanager
+async def websockets_echo_server() -> AsyncIterator[tuple[str, int]]:
+    """A real ``websockets`` library server (its sync server, in a thread of its own)
+    echoing every message on any path; yields its ``(host, port)``."""
+
+    def echo(connection: ServerConnection) -> None:
+        for message in connection:
+            connection.send(message)
+
+    server = websockets_serve(echo, "127.0.0.1", 0)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield server.socket.getsockname()[:2]
+    finally:
+        with trio.CancelScope(shield=True):
+            await trio.to_thread.run_sync(server.shutdown)
+            await trio.to_thread.run_sync(thread.join, 5)
+
+
+async def test_a_websockets_library_server_passes_the_default_health_check() -> None:
+    # A WebSocket-only server answers HEAD / with 405: alive and serving, which is all
+    # the default probe asks. Before, it was marked down and every handshake got 503.
+    async with websockets_echo_server() as (host, port):
+        head = await raw_request(
+            host, port, b"HEAD / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        )
+        assert head.startswith(b"HTTP/1.1 405 "), head
+        async with run_proxy("--upstream", f"http://{host}:{port}", health_check=True) as proxy:
+            url = ws_url(proxy, "/chat")
+            messages: list[str | bytes] = ["hello", b"\x00\x01\xff", "x" * 70_000]
+
+            def session() -> list[str | bytes]:
+                with sync_connect(url) as ws:
+                    echoed = []
+                    for message in messages:
+                        ws.send(message)
+                        echoed.append(ws.recv())
+                    return echoed
+
+            echoed = await trio.to_thread.run_sync(session)
+            log = await proxy.settled_stderr()
+    assert echoed == messages
+    assert "unhealthy" not in log, log
 
 
 async def test_a_target_that_is_down_is_not_picked(upstream: str) -> None:

@@ -377,6 +377,9 @@ REFUSED: dict[str, tuple[bytes, int | set[int]]] = {
     "space-before-colon": (b"GET / HTTP/1.1\r\nHost : h\r\n\r\n", 400),
     "no-colon": (b"GET / HTTP/1.1\r\nHost h\r\n\r\n", 400),
     "bad-request-line": (b"GET /\r\nHost: h\r\n\r\n", 400),
+    # HTTP/0.9: the line alone is all such a client sends; refused without waiting
+    # for a head that will never end.
+    "http-0-9-line-only": (b"GET /path\r\n", 400),
     "http-1-1-without-host": (b"GET / HTTP/1.1\r\n\r\n", 400),
 }
 
@@ -427,6 +430,45 @@ def test_refused_when_the_head_arrives_in_pieces(
             event = server.next_event()
             assert event is NEED_DATA, f"accepted: {event!r}"
     assert caught.value.status == 400
+
+
+@pytest.mark.parametrize("piece", [1, 3, 11])
+def test_an_http09_line_is_refused_once_it_is_whole(
+    server_factory: ServerFactory, piece: int
+) -> None:
+    data = b"GET /path\r\n"
+    pieces = [data[i : i + piece] for i in range(0, len(data), piece)]
+    server = server_factory(65536)
+    for part in pieces[:-1]:
+        server.receive_data(part)
+        assert server.next_event() is NEED_DATA
+    server.receive_data(pieces[-1])
+    with pytest.raises(ProtocolError) as caught:
+        server.next_event()
+    assert caught.value.status == 400
+
+
+def test_an_http09_line_after_a_keep_alive_request_is_refused(
+    server_factory: ServerFactory,
+) -> None:
+    server = server_factory(65536)
+    parsed = feed(server, b"GET /a HTTP/1.1\r\nHost: h\r\n\r\n")
+    assert isinstance(parsed[0], RequestHead) and ended(parsed)
+    answer(server)
+    server.start_next_cycle()
+    server.receive_data(b"GET /b\r\n")
+    with pytest.raises(ProtocolError) as caught:
+        server.next_event()
+    assert caught.value.status == 400
+
+
+@pytest.mark.parametrize(
+    "line", [b"GET /path HTTP/1.1\r\n", b"GET /path HTTP/1.1\r\nHost: h\r\n", b"GET /pa"]
+)
+def test_an_incomplete_head_with_a_version_is_awaited(
+    server_factory: ServerFactory, line: bytes
+) -> None:
+    assert feed(server_factory(65536), line) == [NEED_DATA]
 
 
 def test_smuggled_request_is_not_parsed(server_factory: ServerFactory) -> None:

@@ -137,6 +137,18 @@ def test_strip_several_connection_fields_case_and_whitespace() -> None:
     assert strip_hop_by_hop(headers) == [(b"x-three", b"c")]
 
 
+def test_strip_keeps_framing_and_host_a_connection_option_names() -> None:
+    # RFC 9110 §7.6.1: these are never connection options; obeying one would drop
+    # the body's length (or the authority) from the forwarded message.
+    headers = [
+        (b"host", b"example.com"),
+        (b"content-length", b"64"),
+        (b"connection", b"Content-Length, HOST, transfer-encoding, X-Foo"),
+        (b"x-foo", b"1"),
+    ]
+    assert strip_hop_by_hop(headers) == [(b"host", b"example.com"), (b"content-length", b"64")]
+
+
 def test_strip_extra_and_input_untouched() -> None:
     headers = [(b"expect", b"100-continue"), (b"te", b"trailers"), (b"a", b"1")]
     before = list(headers)
@@ -291,6 +303,20 @@ def test_upstream_connection_cannot_hide_client_addr() -> None:
     assert upstream(headers) == [(b"host", b"backend:8080"), *owned()]
 
 
+def test_upstream_keeps_content_length_a_connection_option_names() -> None:
+    headers = [
+        (b"host", b"example.com"),
+        (b"content-length", b"64"),
+        (b"connection", b"Content-Length, X-Foo"),
+        (b"x-foo", b"1"),
+    ]
+    assert upstream(headers) == [
+        (b"host", b"backend:8080"),
+        (b"content-length", b"64"),
+        *owned(),
+    ]
+
+
 def test_upstream_passes_end_to_end_fields_untouched_in_order() -> None:
     headers = [
         (b"cookie", b"a=1"),
@@ -350,6 +376,20 @@ def test_response_strips_hop_by_hop_and_connection_named() -> None:
         (b"content-type", b"text/plain"),
     ]
     assert client_response_headers(headers, request_id=RID) == [
+        (b"content-type", b"text/plain"),
+        (b"via", b"1.1 trioproxy"),
+        (b"x-request-id", RID),
+    ]
+
+
+def test_response_keeps_content_length_a_connection_option_names() -> None:
+    headers = [
+        (b"connection", b"content-length, transfer-encoding"),
+        (b"content-length", b"5"),
+        (b"content-type", b"text/plain"),
+    ]
+    assert client_response_headers(headers, request_id=RID) == [
+        (b"content-length", b"5"),
         (b"content-type", b"text/plain"),
         (b"via", b"1.1 trioproxy"),
         (b"x-request-id", RID),

@@ -117,6 +117,8 @@ class LiveGroup:
             ssl_context=pool.ssl_context,
             protocol_factory=pool.protocol_factory,
             on_recovered=lambda target: balancer.reinstate(target, trio.current_time()),
+            status_hint="set health.path (--health-path, or health_path= per server) and "
+            "health.expect (--health-expect) to the statuses it answers",
         )
         return cls(
             settings=settings,

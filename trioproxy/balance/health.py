@@ -2,10 +2,12 @@
 
 Each probe opens a *fresh* connection (a probe must test that the target still
 accepts connections, which a pooled one would hide), sends ``HEAD`` (or ``GET``)
-to the target's health path and expects a status in ``expected`` within
-``timeout``. A target flips to unhealthy after ``fall`` consecutive failed
-probes and back after ``rise`` consecutive good ones; every probe's latency
-feeds the target's EWMA (which the ``fastest`` strategy reads).
+to the target's health path and expects an answer within ``timeout`` with a
+status the settings expect for it (``health_rules``: with no health path
+configured, any status below 500; with one, 200-399 or the configured ones).
+A target flips to unhealthy after ``fall`` consecutive failed probes and back
+after ``rise`` consecutive good ones; every probe's latency feeds the target's
+EWMA (which the ``fastest`` strategy reads).
 
 The first round of probes runs for all targets at once and finishes before
 ``run`` reports itself started, so the proxy never accepts a client while the
@@ -21,27 +23,17 @@ from collections.abc import Callable
 import attrs
 import trio
 
+from trioproxy.balance.health_rules import HealthSettings
 from trioproxy.balance.target import Target
 from trioproxy.errors import LocalResourcesExhausted, ProxyError
 from trioproxy.http.protocol import Body, ClientProtocol, EndOfMessage, RequestHead, ResponseHead
 from trioproxy.upstream.connection import Connector, open_connection
 
+__all__ = ["HealthService", "HealthSettings"]
+
 log = logging.getLogger("trioproxy.health")
 
 _MAX_PROBE_BODY = 1 << 16
-
-
-@attrs.frozen(kw_only=True)
-class HealthSettings:
-    enabled: bool = True
-    method: bytes = b"HEAD"
-    path: str = "/"
-    interval: float = 5.0
-    timeout: float = 2.0
-    expected_min: int = 200
-    expected_max: int = 399
-    rise: int = 2
-    fall: int = 3
 
 
 @attrs.define
@@ -64,6 +56,10 @@ class HealthService:
     #: Called when probes bring a target back (the balancer lifts what live
     #: traffic held against it, so it returns within rise x interval).
     on_recovered: Callable[[Target], None] | None = None
+    #: Appended to the warning for a target that answered its first probe with a
+    #: status not expected: how to tell the proxy what its health endpoint is
+    #: (the CLI names its flags, the library its arguments).
+    status_hint: str = ""
     _states: dict[int, _ProbeState] = attrs.field(factory=dict, init=False)
 
     def state(self, target: Target) -> _ProbeState:
@@ -105,7 +101,10 @@ class HealthService:
         if first:
             target.healthy = ok
             if not ok:
-                log.warning("%s is unhealthy at start: %s", target.name, detail)
+                # A latency with a failure means the target answered, with a status
+                # the settings do not expect: likely a health path to configure.
+                hint = f"; {self.status_hint}" if latency is not None and self.status_hint else ""
+                log.warning("%s is unhealthy at start: %s%s", target.name, detail, hint)
         elif target.healthy and state.failures >= settings.fall:
             target.healthy = False
             log.warning(
@@ -129,10 +128,11 @@ class HealthService:
         """
         settings = self.settings
         url = target.url
-        path = (target.spec.health_path or settings.path).encode("ascii")
+        own_path = target.spec.health_path
+        path = settings.path_for(own_path)
         head = RequestHead(
             method=settings.method,
-            target=url.upstream_target(path),
+            target=url.upstream_target(path.encode("ascii")),
             headers=[
                 (b"host", url.origin.host_header),
                 (b"user-agent", b"trioproxy-health"),
@@ -148,9 +148,9 @@ class HealthService:
             except ProxyError as exc:
                 return False, None, exc.detail
             latency = trio.current_time() - started
-            if settings.expected_min <= status <= settings.expected_max:
+            if status in settings.expected_for(own_path):
                 return True, latency, ""
-            return False, latency, f"status {status}"
+            return False, latency, f"status {status} on {settings.method.decode()} {path}"
         return False, None, f"no answer within {settings.timeout} s"
 
     async def _exchange(self, target: Target, head: RequestHead) -> int:

@@ -14,6 +14,14 @@ backed by the proxy's own health service and strategies::
     LoadBalancer(["http://a:8000", "http://b:8000"]).get()   # round-robin
     LoadBalancer(urls, strategy="least_connections")           # any strategy by name
 
+A ping is a readiness check of ``ping_path`` (``/`` by default), as in
+fastapi-reverse-proxy: it passes on 200-399, or on the statuses given as
+``expect`` (``expect=[200]``, ``expect=["200-299", 404]``). The CLI's default
+liveness probe (any status below 500 when no health path is configured) is
+not the default here: choosing the path to ping is this API's whole point, and
+a ping that passed on 404 would change what existing callers' ``pingpath``
+checks mean.
+
 Under trio a background task needs a nursery: ``async with checker`` owns it.
 ``start()`` and ``aclose()`` are the two halves of that ``async with`` and must
 be called from the same task, ``start`` first.
@@ -21,7 +29,7 @@ be called from the same task, ``start`` first.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from types import TracebackType
 from typing import Any
 
@@ -29,7 +37,8 @@ import attrs
 import trio
 
 from trioproxy.balance.balancer import Balancer
-from trioproxy.balance.health import HealthService, HealthSettings
+from trioproxy.balance.health import HealthService
+from trioproxy.balance.health_rules import HealthSettings, StatusRanges
 from trioproxy.balance.strategies import Fastest, RoundRobin, Strategy, make_strategy
 from trioproxy.balance.target import Target, TargetSpec
 from trioproxy.errors import NoHealthyUpstream
@@ -70,25 +79,31 @@ class HealthChecker:
         method: str = "HEAD",
         rise: int = 1,
         fall: int = 1,
+        expect: StatusRanges | Iterable[int | str] | None = None,
     ) -> None:
+        if expect is not None and not isinstance(expect, StatusRanges):
+            expect = StatusRanges.of(expect)
         self._targets = [_target(item) for item in targets]
         self._service = HealthService(
             self._targets,
             HealthSettings(
                 method=method.encode("ascii"),
                 path=ping_path,
+                expect=expect,
                 interval=interval,
                 timeout=timeout,
                 rise=rise,
                 fall=fall,
             ),
+            status_hint="pass ping_path= (or pingpath per target) and expect= with the "
+            "statuses it answers",
         )
         self._nursery_manager: Any = None
         self._nursery: trio.Nursery | None = None
 
     @property
     def ping_path(self) -> str:
-        return self._service.settings.path
+        return self._service.settings.path_for(None)
 
     @ping_path.setter
     def ping_path(self, path: str) -> None:

@@ -50,7 +50,7 @@ import attrs
 import dotenv
 
 from trioproxy.balance.balancer import BreakerSettings
-from trioproxy.balance.health import HealthSettings
+from trioproxy.balance.health_rules import HealthSettings
 from trioproxy.config import values as v
 from trioproxy.config.errors import ConfigError
 from trioproxy.config.model import (
@@ -488,33 +488,11 @@ def _server(b: _Builder) -> ServerSettings:
     )
 
 
-def health_expect(statuses: tuple[int, ...]) -> dict[str, int]:
-    """``health.expect`` → the fields of :class:`HealthSettings` that hold it.
-
-    Today the prober takes one range, ``expected_min..expected_max``, so the
-    statuses listed must be one run without gaps (``[200]``, ``[200, 201, 202]``).
-    """
-    low, high = statuses[0], statuses[-1]
-    if high - low + 1 != len(statuses):
-        raise v.Invalid(
-            f"must be consecutive statuses (one range) for now, got {v.show(list(statuses))}"
-        )
-    return {"expected_min": low, "expected_max": high}
-
-
 def _health(b: _Builder, path: Path_) -> HealthSettings:
     switch = b.get(path)
     fields = b.fields(path, HEALTH)
     if "method" in fields:
         fields["method"] = fields["method"].encode("ascii")
-    expect = fields.pop("expect", None)
-    if expect is not None:
-        try:
-            fields.update(health_expect(expect))
-        except v.Invalid as exc:
-            value = b.get((*path, "expect"))
-            assert value is not None
-            b.problems.invalid(value, exc)
     return HealthSettings(enabled=not (switch is not None and switch.raw is False), **fields)
 
 

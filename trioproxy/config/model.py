@@ -30,7 +30,7 @@ from collections.abc import Mapping
 import attrs
 
 from trioproxy.balance.balancer import BreakerSettings
-from trioproxy.balance.health import HealthSettings
+from trioproxy.balance.health_rules import HealthSettings
 from trioproxy.balance.target import TargetSpec
 
 #: (name, value) pairs, in file order; names lower-case.

@@ -20,6 +20,7 @@ import re
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
+from trioproxy.balance.health_rules import StatusRanges
 from trioproxy.balance.strategies import make_strategy
 from trioproxy.balance.target import TargetSpec
 from trioproxy.config.errors import ConfigError
@@ -211,19 +212,20 @@ def status(value: object) -> int:
     raise Invalid(f"must be an HTTP status 200..599, got {show(value)}")
 
 
-def statuses(value: object) -> tuple[int, ...]:
-    """``health.expect``: one status or a list of them, each 100..599; sorted, no repeats."""
-    items = _as_list(value)
-    result: set[int] = set()
-    for item in items:
-        if isinstance(item, str) and item.strip().isdigit():
-            item = int(item)
-        if isinstance(item, bool) or not isinstance(item, int) or not 100 <= item <= 599:
-            raise Invalid(f"must be HTTP statuses 100..599, got {show(value)}")
-        result.add(item)
-    if not result:
-        raise Invalid("must list at least one status")
-    return tuple(sorted(result))
+def statuses(value: object) -> StatusRanges:
+    """``health.expect``: a status, a ``"low-high"`` range, or a list of them
+    (``[200]``, ``[200, "300-399"]``); on the command line, ``200,204`` or ``200-299``."""
+    try:
+        if isinstance(value, str):
+            return StatusRanges.parse(value)
+        items = _as_list(value)
+        if any(isinstance(item, bool) or not isinstance(item, int | str) for item in items):
+            raise ValueError("not a status")
+        return StatusRanges.of(items)
+    except ValueError:
+        raise Invalid(
+            f'must be HTTP statuses 100..599 or ranges like "200-299", got {show(value)}'
+        ) from None
 
 
 # --- text -------------------------------------------------------------------------

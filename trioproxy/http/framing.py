@@ -19,6 +19,8 @@ KNOWN_METHODS = frozenset(
     b"M-SEARCH NOTIFY SUBSCRIBE UNSUBSCRIBE PURGE MKCALENDAR LINK UNLINK SOURCE QUERY".split()
 )
 UNKNOWN_METHOD = "method not implemented by this proxy"
+HTTP09 = "HTTP/0.9 request"
+_LINE_ENDS = b"\r\n"
 
 
 def head_size(start_line_len: int, headers: Headers) -> int:
@@ -27,6 +29,28 @@ def head_size(start_line_len: int, headers: Headers) -> int:
     for name, value in headers:
         size += len(name) + len(value) + 4
     return size
+
+
+def request_line_has_version(received: bytes | bytearray) -> bool | None:
+    """Whether the request line at the start of ``received`` ends in an HTTP version.
+
+    ``None`` while the line is incomplete. ``False`` is an HTTP/0.9-style line
+    (``GET /path`` CRLF): such a client sends no header fields and no empty line,
+    and waits for an answer, so a parser that waits for the end of the head would
+    hold the connection until the header timeout. Both adapters ask this while a
+    head is incomplete and refuse the request at once (400, as nginx does).
+    Empty lines before the request line are skipped (RFC 9112 §2.2).
+    """
+    start = 0
+    size = len(received)
+    while start < size and received[start] in _LINE_ENDS:
+        start += 1
+    end = received.find(b"\n", start)
+    if end < 0:
+        return None
+    parts = bytes(received[start:end]).rstrip(b"\r").split(b" ")
+    # RFC 9112 §3: method SP request-target SP HTTP-version.
+    return len(parts) >= 3 and parts[-1].startswith(b"HTTP/")
 
 
 def check_request_head(
@@ -44,7 +68,7 @@ def check_request_head(
         raise ProtocolError("unknown method", status=501, reason=UNKNOWN_METHOD)
     if http_version not in _VERSIONS:
         if http_version[:1] in (b"0", b""):
-            raise ProtocolError("HTTP/0.9 request", status=400)
+            raise ProtocolError(HTTP09, status=400)
         raise ProtocolError(
             "unsupported HTTP version", status=505, reason="HTTP version not supported"
         )

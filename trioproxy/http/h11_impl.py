@@ -31,7 +31,12 @@ from h11._receivebuffer import ReceiveBuffer
 from h11._state import MIGHT_SWITCH_PROTOCOL as _MIGHT_SWITCH
 
 from trioproxy.errors import ProtocolError, RelayError, UpstreamProtocolError
-from trioproxy.http.framing import check_request_head, check_response_head
+from trioproxy.http.framing import (
+    HTTP09,
+    check_request_head,
+    check_response_head,
+    request_line_has_version,
+)
 from trioproxy.http.protocol import (
     CONNECTION_CLOSED,
     END_OF_MESSAGE,
@@ -228,6 +233,17 @@ class H11Server(_H11Base):
             detail = str(exc)
             reason = detail if detail in _OWN_REASONS else ""
             raise ProtocolError(detail, status=exc.error_status_hint, reason=reason) from None
+        if event is h11.NEED_DATA:
+            # A head is incomplete: if its first line is whole and has no version,
+            # it is HTTP/0.9 and no more of it will come (see request_line_has_version).
+            # h11's buffer starts at this head: it parses the next one only once
+            # the cycle before it ended.
+            if (
+                self._conn.their_state is h11.IDLE
+                and request_line_has_version(self._buffer._data) is False
+            ):
+                raise ProtocolError(HTTP09, status=400)
+            return NEED_DATA
         if type(event) is h11.Request:
             headers = list(event.headers)
             check_request_head(

@@ -14,6 +14,15 @@ proxy re-frames every body (RFC 9112 §6.1, §7.1.2), so a trailer declaration
 from one hop would be wrong on the next. Connection options are compared
 case-insensitively (§7.6.1); a ``close`` token simply names no field.
 
+A connection option never removes what frames or addresses the message:
+``Content-Length`` and ``Transfer-Encoding`` (RFC 9112 §6.1-6.3) say where the
+body ends, and ``Host`` (RFC 9112 §3.2) is the request's authority. §7.6.1
+says a sender must not list them as options (they are not about this
+connection), so one that does is simply wrong; dropping them would send a
+POST upstream with its body bytes and nothing saying how many there are, i.e.
+no body (RFC 9112 §6.3 item 7). Like nginx, the proxy ignores such options and
+forwards the message framed.
+
 Fields the proxy owns. Upstream, the proxy writes exactly one ``Host``
 (RFC 9112 §3.2), first in the head; it extends the ``X-Forwarded-For`` and
 ``Via`` (RFC 9110 §7.6.3) chains into one line each rather than appending a
@@ -77,6 +86,13 @@ _LIST_SEP: Final = b", "
 _REQUEST_ID_MAX: Final = 200
 _VCHAR: Final = bytes(range(0x21, 0x7F))
 
+# Connection options that are ignored rather than obeyed (see the module docstring,
+# RFC 9110 §7.6.1): the message's framing and its Host. Transfer-Encoding is in
+# HOP_BY_HOP already (the proxy re-frames every body), so it is listed for clarity.
+_NEVER_CONNECTION_OPTIONS: Final[frozenset[bytes]] = frozenset(
+    {b"content-length", b"transfer-encoding", b"host"}
+)
+
 # Dropped from the upstream request on top of the hop-by-hop fields.
 _REQUEST_EXTRA: Final[frozenset[bytes]] = frozenset({b"expect"})
 _REQUEST_DROP: Final[frozenset[bytes]] = HOP_BY_HOP | _REQUEST_EXTRA
@@ -128,7 +144,8 @@ def has_token(headers: Headers, name: bytes, token: bytes) -> bool:
 
 
 def _drop_set(headers: Headers, base: frozenset[bytes]) -> frozenset[bytes]:
-    """``base`` plus the field names listed in ``Connection`` (RFC 9110 §7.6.1)."""
+    """``base`` plus the field names listed in ``Connection`` (RFC 9110 §7.6.1),
+    except the framing fields and ``Host``, which no connection option removes."""
     # comma_tokens' reading, in the same pass and with no list built: this runs
     # twice per proxied request.
     named: set[bytes] | None = None
@@ -136,7 +153,7 @@ def _drop_set(headers: Headers, base: frozenset[bytes]) -> frozenset[bytes]:
         if field_name == b"connection":
             for part in value.lower().split(b","):
                 token = part.strip(_OWS)
-                if token and token not in base:
+                if token and token not in base and token not in _NEVER_CONNECTION_OPTIONS:
                     if named is None:
                         named = set()
                     named.add(token)
@@ -148,8 +165,8 @@ def strip_hop_by_hop(headers: Headers, extra: frozenset[bytes] = frozenset()) ->
     """Return ``headers`` without the fields that must not be forwarded.
 
     Removes :data:`HOP_BY_HOP`, every field named by a ``Connection`` option
-    (RFC 9110 §7.6.1) and the names in ``extra``; the rest keep their order
-    and repeats.
+    (RFC 9110 §7.6.1) but ``Content-Length`` and ``Host``, and the names in
+    ``extra``; the rest keep their order and repeats.
 
     Args:
         headers: the received fields; not modified.

@@ -12,7 +12,10 @@ Where llhttp and the seam's contract differ, this adapter closes the gap:
 * llhttp cannot be told that a response answers a HEAD request, so the
   parser is stopped at the end of such a head and replaced for the next one;
 * llhttp has no end-of-input call, so a body delimited by the connection
-  closing (RFC 9112 §6.3 item 8) is ended here, on ``receive_data(b"")``.
+  closing (RFC 9112 §6.3 item 8) is ended here, on ``receive_data(b"")``;
+* llhttp reads ``GET /path`` CRLF (HTTP/0.9) as the start of a head and waits
+  for fields that will never come, so the first line of a head is watched here
+  (see ``HttptoolsServer._watch_request_line``).
 
 llhttp itself refuses the rest of the contract (CL with TE, repeated
 Content-Length, obs-fold, bare CR or LF), as tests/http/test_conformance.py
@@ -28,7 +31,13 @@ from typing import Any
 import httptools
 
 from trioproxy.errors import ProtocolError, RelayError, UpstreamProtocolError
-from trioproxy.http.framing import UNKNOWN_METHOD, check_request_head, check_response_head
+from trioproxy.http.framing import (
+    HTTP09,
+    UNKNOWN_METHOD,
+    check_request_head,
+    check_response_head,
+    request_line_has_version,
+)
 from trioproxy.http.protocol import (
     CONNECTION_CLOSED,
     END_OF_MESSAGE,
@@ -311,6 +320,9 @@ class HttptoolsServer(_Base):
         self._head_meta: deque[tuple[bool, bool]] = deque()
         # What followed an Upgrade request, held unparsed (see trailing_data).
         self._upgrade_tail: bytearray | None = None
+        # The bytes of an incomplete head until its first line is whole (see
+        # _watch_request_line); None when no head is being watched.
+        self._first_line: bytearray | None = None
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
@@ -356,6 +368,8 @@ class HttptoolsServer(_Base):
             return
         if self._their_done:
             self._pending += len(data)
+        continued = self._message_open
+        completed = self._peer_complete
         try:
             self._feed(data)
         except httptools.HttpParserUpgrade as exc:
@@ -365,6 +379,37 @@ class HttptoolsServer(_Base):
             # next request, parsed afresh by start_next_cycle.
             offset = exc.args[0] if exc.args and isinstance(exc.args[0], int) else len(data)
             self._upgrade_tail = bytearray(data[offset:])
+            return
+        if self._in_head and self._error is None:
+            self._watch_request_line(data, continued or self._peer_complete != completed)
+        elif self._first_line is not None:
+            self._first_line = None
+
+    def _watch_request_line(self, data: bytes | bytearray, behind_other_bytes: bool) -> None:
+        """Refuse an HTTP/0.9 request line as soon as it is whole.
+
+        llhttp's callbacks do not say where the request line ends, so the bytes
+        of a head are kept until its first line is whole, then judged by
+        :func:`request_line_has_version`. Only a head that began at the start
+        of a read (after nothing but empty lines) is watched: one that began
+        behind another message in the same read is refused when it ends or
+        times out, as before. No real HTTP/0.9 client is behind one: 0.9 has
+        one request per connection. A complete head (the usual read) costs
+        nothing here.
+        """
+        line = self._first_line
+        if line is not None:
+            line += data
+        elif behind_other_bytes:
+            return
+        else:
+            line = self._first_line = bytearray(data)
+        has_version = request_line_has_version(line)
+        if has_version is None:
+            return
+        self._first_line = None  # judged; the rest of this head is llhttp's
+        if not has_version:
+            self._error = ProtocolError(HTTP09, status=400)
 
     def next_event(self) -> Event | _Sentinel:
         event = super().next_event()

@@ -28,7 +28,9 @@ Framing contract (RFC 9112 §6). Whatever the implementation, a
 * header lines folded onto the next line (obs-fold, §5.2) or ended by a bare LF;
 * a head larger than ``max_head_size`` (431), whole or still incomplete;
 * an HTTP/1.1 request without exactly one ``Host`` (400, RFC 9112 §3.2);
-* a version other than HTTP/1.0 and 1.1 (505; 400 for HTTP/0.9).
+* a version other than HTTP/1.0 and 1.1 (505; 400 for HTTP/0.9, and a request
+  line with no version at all, ``GET /path`` CRLF, as soon as that line is
+  whole: such a client sends nothing more and waits).
 
 Refusals are final: once ``next_event`` raised, it raises again.
 
