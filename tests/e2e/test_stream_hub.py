@@ -286,6 +286,11 @@ async def test_a_stream_that_ended_leaves_its_connection_in_the_pool(
                     await trio.aclose_forcefully(stream)
                 assert complete
                 assert body == b"".join(_events(target))
+                # The client has the last chunk as soon as the hub wrote it; the
+                # exchange's task returns the upstream connection to the pool just
+                # after, and logs the exchange then. A next request sent before that
+                # would rightly need a second connection.
+                await proxy.wait_for_stderr(f'"GET {target} HTTP/1.1" 200')
             await _handovers(proxy, 3)
     assert record.requests == 3
     assert record.accepted == 1, "the upstream connection was not reused"
