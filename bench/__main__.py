@@ -24,10 +24,10 @@ from typing import NoReturn
 from bench import env, procs, report, runner
 from bench.contenders import CONTENDERS
 from bench.progress import Progress
-from bench.scenarios import SCENARIOS, SMOKE, Scenario
+from bench.scenarios import SCENARIOS, SMOKE, SMOKE_ROUTES, Scenario
 
 RESULTS_DIR = env.BENCH_DIR / "results"
-SMOKE_CONTENDERS = ("trioproxy", "trioproxy-h11")
+SMOKE_CONTENDERS = ("trioproxy", "trioproxy-h11", "trioproxy-50routes")
 
 
 def _names(text: str, known: Sequence[str], what: str) -> list[str]:
@@ -71,9 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
     add(
         "--contenders",
         type=lambda t: _names(t, list(CONTENDERS), "contender"),
-        default=list(CONTENDERS),
+        default=None,
         metavar="X,Y",
-        help=f"(default: all) {','.join(CONTENDERS)}",
+        help=f"(default: all; trioproxy-baseline with --baseline-src) {','.join(CONTENDERS)}",
     )
     add(
         "--smoke",
@@ -97,6 +97,14 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="DIR",
         help="run trioproxy from this source tree (a checkout's root) instead of this one,"
         " e.g. to compare two commits (default: %(default)s)",
+    )
+    add(
+        "--baseline-src",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="the source tree the contender trioproxy-baseline runs from, to compare two"
+        " commits in one run, e.g. git archive COMMIT trioproxy | tar -x -C DIR",
     )
     add(
         "--install-peers",
@@ -137,12 +145,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 2
     scenarios: list[Scenario]
     if args.smoke:
-        mode, scenarios, names = "smoke", [SMOKE], list(SMOKE_CONTENDERS)
+        mode, scenarios, names = "smoke", [SMOKE, SMOKE_ROUTES], list(SMOKE_CONTENDERS)
         duration, reps, warmup, budget, ready_timeout = 2.0, 1, 0.5, 0.2, 10.0
     else:
         mode = "quick" if args.quick else "full"
         scenarios = [SCENARIOS[n] for n in args.scenarios]
-        names = list(args.contenders)
+        if args.contenders is not None:
+            names = list(args.contenders)
+        else:  # all of them; the baseline only when there is one
+            names = [n for n in CONTENDERS if n != "trioproxy-baseline" or args.baseline_src]
         duration, reps = (3.0, 1) if args.quick else (10.0, 3)
         duration = args.duration if args.duration is not None else duration
         reps = args.reps if args.reps is not None else reps
@@ -152,6 +163,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     if duration <= 0 or reps < 1:
         print("bench: --duration must be > 0 and --reps >= 1", file=sys.stderr)
         return 2
+    baseline = args.baseline_src
+    if "trioproxy-baseline" in names:
+        if baseline is None:
+            print("bench: trioproxy-baseline needs --baseline-src DIR", file=sys.stderr)
+            return 2
+        if not (baseline / "trioproxy" / "__main__.py").is_file():
+            print(f"bench: --baseline-src {baseline}: no trioproxy/ in it", file=sys.stderr)
+            return 2
     chart = not args.no_chart and not args.smoke
     tools = env.discover()
     missing = tools.missing(_needs(scenarios, names, chart=False))
@@ -183,10 +202,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         reps=reps,
         ceiling_budget=budget,
         trioproxy_src=args.trioproxy_src.resolve(),
+        baseline_src=baseline.resolve() if baseline is not None else None,
         ready_timeout=ready_timeout,
     )
     started = dt.datetime.now(dt.UTC).astimezone()
-    total = reps * (1 + len(scenarios) * len(names))
+    total = reps + plan.measurements()
     with tempfile.TemporaryDirectory(prefix="trioproxy-bench-") as tmp, Progress(total) as progress:
         # nginx started as root serves its files from an unprivileged worker.
         os.chmod(tmp, 0o755)
@@ -210,6 +230,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "versions": tools.versions,
         "trioproxy_src": _describe_tree(plan.trioproxy_src),
     }
+    if plan.baseline_src is not None and "trioproxy-baseline" in names:
+        meta["baseline_src"] = _describe_tree(plan.baseline_src)
     summary = report.summarise(outcome.measurements)
     ratios = report.ratios(outcome.measurements, scenarios, outcome.ceilings)
     goals = report.targets(summary, ratios, {s.name for s in scenarios}) if not args.smoke else []

@@ -18,6 +18,15 @@ of a back end that runs on the load core:
     ``python -m trioproxy --http auto`` (httptools when installed) and ``--http h11``,
     with ``--max-connections-per-upstream 4096`` so that 1000 event streams can each
     hold an upstream connection (the default cap is 256).
+``trioproxy-50routes``
+    ``trioproxy`` with ``--config`` instead of ``--upstream``: a gateway config of 50
+    routes (``bench/gateway.py``), written into the measurement's directory. The
+    scenario's paths are requested under ``/shop``, where the measured route serves
+    them (rewritten to the back end's ``/v1/``). It joins only the scenarios made
+    for it (``routes-64``, the smoke run's ``smoke-routes-16``).
+``trioproxy-baseline``
+    ``trioproxy`` run from another source tree (``--baseline-src DIR``), in the same
+    run: ``trioproxy / trioproxy-baseline`` is what the commits between them changed.
 
 Access logs are off everywhere (trioproxy runs at ``--log-level warning``), so that no
 contender pays for writing a line per request.
@@ -31,6 +40,7 @@ from pathlib import Path
 
 import attrs
 
+from bench import gateway as gateway_config
 from bench import nginx
 from bench.env import BENCH_DIR, PEERS_DIR, Tools
 
@@ -58,6 +68,8 @@ class Site:
     nofile: int
     #: The source tree trioproxy runs from (its root, holding ``trioproxy/``).
     trioproxy_src: Path = REPO_DIR
+    #: The source tree ``trioproxy-baseline`` runs from (``--baseline-src``).
+    baseline_src: Path | None = None
 
 
 @attrs.frozen
@@ -68,6 +80,11 @@ class Contender:
     #: What to say when it refuses a WebSocket upgrade; ``None`` for a contender that
     #: proxies WebSocket, whose refusal is then a failure, not "n/a".
     no_websocket: str | None = "upgrade refused"
+    #: Prepended to every path a scenario requests through it (``/shop`` for the
+    #: 50-route config, whose measured route serves the back end's paths there).
+    mount: str = ""
+    #: The only scenarios it joins; ``None``: every one.
+    scenarios: frozenset[str] | None = None
 
 
 def _direct(site: Site) -> Launch:
@@ -144,15 +161,25 @@ def _velithon(site: Site) -> Launch:
     )
 
 
-def _trioproxy(http: str) -> Callable[[Site], Launch]:
+def _trioproxy(
+    http: str, *, gateway: bool = False, baseline: bool = False
+) -> Callable[[Site], Launch]:
     def launch(site: Site) -> Launch:
+        if gateway:
+            # Every route's group is the scenario's back end: nothing else differs.
+            upstream = ["--config", str(gateway_config.write_config(site.prefix, site.upstream))]
+        else:
+            upstream = ["--upstream", f"http://{site.upstream}"]
+        src = site.trioproxy_src
+        if baseline:
+            assert site.baseline_src is not None, "trioproxy-baseline needs --baseline-src"
+            src = site.baseline_src
         return Launch(
             [
                 sys.executable,
                 "-m",
                 "trioproxy",
-                "--upstream",
-                f"http://{site.upstream}",
+                *upstream,
                 "--port",
                 str(site.port),
                 "--http",
@@ -165,7 +192,7 @@ def _trioproxy(http: str) -> Callable[[Site], Launch]:
                 "4096",
             ],
             # ``python -m`` puts the working directory first on sys.path.
-            cwd=site.trioproxy_src,
+            cwd=src,
         )
 
     return launch
@@ -189,9 +216,23 @@ CONTENDERS: dict[str, Contender] = {
         ),
         Contender("trioproxy", frozenset(), _trioproxy("auto"), no_websocket=None),
         Contender("trioproxy-h11", frozenset(), _trioproxy("h11"), no_websocket=None),
+        Contender(
+            "trioproxy-50routes",
+            frozenset(),
+            _trioproxy("auto", gateway=True),
+            no_websocket=None,
+            mount=gateway_config.MOUNT,
+            scenarios=frozenset({"routes-64", "smoke-routes-16"}),
+        ),
+        Contender(
+            "trioproxy-baseline",
+            frozenset(),
+            _trioproxy("auto", baseline=True),
+            no_websocket=None,
+        ),
     )
 }
 
 #: The contenders every ratio is taken for, and the ones they are taken against.
-OURS = ("trioproxy", "trioproxy-h11")
-PEERS = ("nginx", "fastapi-reverse-proxy", "velithon", "direct")
+OURS = ("trioproxy", "trioproxy-h11", "trioproxy-50routes")
+PEERS = ("nginx", "fastapi-reverse-proxy", "velithon", "direct", "trioproxy-baseline")

@@ -3,7 +3,8 @@
 Both run in the foreground (``daemon off``) with one worker, started as
 ``nginx -p PREFIX -c PREFIX/nginx.conf`` so they touch nothing outside their prefix:
 
-* the back end serves fixed bodies from files (``/small`` 100 bytes, ``/1m`` 1 MiB);
+* the back end serves fixed bodies from files (``/small`` 100 bytes, ``/1m`` 1 MiB),
+  also under ``/v1/`` (``/v1/small``: what the 50-route config's route rewrites to);
   ``/upload`` reads the whole request body into memory before it answers, because a
   client such as wrk that is still writing a body when the answer comes stalls (nginx's
   ``return`` answers first and discards the body afterwards);
@@ -61,6 +62,11 @@ http {{
         root {prefix}/www;
         location = /ready {{
             return 200 "ok\\n";
+        }}
+        location /v1/ {{
+            # The files again, where bench/gateway.py's measured route sends
+            # /shop/small (strip_prefix /shop, add_prefix /v1).
+            alias {prefix}/www/;
         }}
         location = / {{
             # What a proxy's health check probes by default (trioproxy: HEAD /).

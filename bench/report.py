@@ -274,6 +274,14 @@ def targets(
         "ceiling(h11)",
         lambda v: v >= 0.6,
     )
+    by_ratio(
+        "50-route config (routes-64): small GET req/s >= 90% of one route's",
+        "routes-64",
+        "req_s",
+        "trioproxy-50routes",
+        "trioproxy",
+        lambda v: v >= 0.9,
+    )
     by_value(
         "10k idle keep-alive held: peak RSS <= 200 MB",
         "idle-10k",
@@ -385,7 +393,8 @@ def markdown(
         " or a broken stream in at least one repetition and shows no numbers.",
         "",
         "Versions: " + ", ".join(f"{k} {v}" for k, v in meta["versions"].items()),
-        f"trioproxy ran from {meta.get('trioproxy_src', '?')}.",
+        f"trioproxy ran from {meta.get('trioproxy_src', '?')}."
+        + (f" trioproxy-baseline from {meta['baseline_src']}." if "baseline_src" in meta else ""),
         "",
         "## Results",
         "",

@@ -45,8 +45,15 @@ class Plan:
     sse_interval: float = 0.5
     #: The source tree trioproxy runs from.
     trioproxy_src: Path = attrs.field(factory=_repo)
+    #: The source tree ``trioproxy-baseline`` runs from.
+    baseline_src: Path | None = None
     #: How long a contender may take to answer ``/ready`` through itself.
     ready_timeout: float = procs.READY_TIMEOUT
+
+    def measurements(self) -> int:
+        """How many measurements the plan makes (not every scenario runs every contender)."""
+        pairs = sum(s.runs(c) for s in self.scenarios for c in self.contenders)
+        return self.reps * pairs
 
 
 @attrs.define
@@ -118,6 +125,7 @@ def measure_one(
         prefix,
         nofile,
         plan.trioproxy_src,
+        plan.baseline_src,
     )
     launch = contender.launch(site)
     progress.status(f"{label} · starting")
@@ -177,6 +185,8 @@ def run(plan: Plan, tools: Tools, workdir: Path, progress: Progress) -> Outcome:
             order = rotated(plan.contenders, rep)
             for scenario in plan.scenarios:
                 for contender in order:
+                    if not scenario.runs(contender):
+                        continue
                     started = time.monotonic()
                     m = measure_one(
                         scenario,

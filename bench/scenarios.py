@@ -64,7 +64,15 @@ class Scenario:
     rate_unit: str
     #: Metrics compared as ratios, each with whether higher is better.
     compared: tuple[tuple[str, bool], ...]
+    #: The only contenders it is run with; ``None``: every one.
+    contenders: frozenset[str] | None = None
     needs: ClassVar[frozenset[str]] = frozenset()
+
+    def runs(self, contender: Contender) -> bool:
+        """Whether this scenario and ``contender`` are measured together."""
+        return (self.contenders is None or contender.name in self.contenders) and (
+            contender.scenarios is None or self.name in contender.scenarios
+        )
 
     def measure(self, ctx: Context) -> Metrics:
         raise NotImplementedError
@@ -91,7 +99,7 @@ class WrkScenario(Scenario):
 
     def measure(self, ctx: Context) -> Metrics:
         assert ctx.tools.wrk is not None
-        url = f"http://127.0.0.1:{ctx.port}{self.path}"
+        url = f"http://127.0.0.1:{ctx.port}{ctx.contender.mount}{self.path}"
         script = (
             wrk.write_upload_script(ctx.workdir, self.upload_size) if self.upload_size else None
         )
@@ -141,10 +149,12 @@ class PyHttpScenario(Scenario):
     connections: int = 16
 
     def measure(self, ctx: Context) -> Metrics:
+        path = ctx.contender.mount + self.path
+
         def once(duration: float) -> loadgen.HttpLoad:
             return trio.run(
                 lambda: loadgen.http_load(
-                    ctx.port, self.path, connections=self.connections, duration=duration
+                    ctx.port, path, connections=self.connections, duration=duration
                 )
             )
 
@@ -314,6 +324,12 @@ SCENARIOS: dict[str, Scenario] = {
             path="/small", connections=64,
         ),
         WrkScenario(
+            "routes-64", "small GET (100 B), 64 conns, 50-route config vs one route", "http",
+            "req_s", "req/s", _GET,
+            contenders=frozenset({"trioproxy", "trioproxy-50routes"}),
+            path="/small", connections=64,
+        ),
+        WrkScenario(
             "download-1m", "1 MiB downloads, 8 conns", "http", "mib_s", "MiB/s",
             (("mib_s", True),), path="/1m", connections=8,
         ),
@@ -351,6 +367,18 @@ SMOKE = PyHttpScenario(
     "req_s",
     "req/s",
     _GET,
+    path="/small",
+    connections=16,
+)
+#: That a config-file proxy (the 50-route gateway) keeps working under load.
+SMOKE_ROUTES = PyHttpScenario(
+    "smoke-routes-16",
+    "small GET (100 B), 16 conns, Python client, 50-route config",
+    "pyhttp",
+    "req_s",
+    "req/s",
+    _GET,
+    contenders=frozenset({"trioproxy-50routes"}),
     path="/small",
     connections=16,
 )

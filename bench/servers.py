@@ -1,7 +1,8 @@
 """The bench's own back ends: ``python -m bench.servers KIND --port N``.
 
 ``http``
-    Fixed bodies, like the nginx back end: ``/small`` (100 bytes), ``/1m`` (1 MiB),
+    Fixed bodies, like the nginx back end: ``/small`` (100 bytes, also as ``/v1/small``),
+    ``/1m`` (1 MiB),
     ``/upload`` (reads the whole request body, then answers ``ok``), ``/ready``. Used by
     ``--smoke`` so that it needs no nginx.
 ``sse``
@@ -44,8 +45,15 @@ MIB_BODY = b"y" * (1 << 20)
 MAX_STREAM_SECONDS = 600.0
 READ_SIZE = 1 << 16
 
-# "/" for the health checks a proxy may make (trioproxy: HEAD / by default).
-_BODIES = {b"/small": SMALL_BODY, b"/1m": MIB_BODY, b"/ready": b"ok\n", b"/": b"ok\n"}
+# "/" for the health checks a proxy may make (trioproxy: HEAD / by default);
+# "/v1/small" for the route of bench/gateway.py, which rewrites /shop/small to it.
+_BODIES = {
+    b"/small": SMALL_BODY,
+    b"/v1/small": SMALL_BODY,
+    b"/1m": MIB_BODY,
+    b"/ready": b"ok\n",
+    b"/": b"ok\n",
+}
 
 
 def _response(status: int, body: bytes, *, close: bool = False, head_only: bool = False) -> bytes:

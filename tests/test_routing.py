@@ -278,6 +278,57 @@ def test_fallback_after_host_specific_routes() -> None:
 # --- config errors -----------------------------------------------------------------
 
 
+# --- the split by first path segment, and the Host cache (cost, same answers) ------
+
+
+def test_split_by_segment_keeps_the_order_of_the_whole_list() -> None:
+    r = router(
+        route("users-regex", path_regex="^/users/[0-9]+$", priority=1),
+        route("users", path_prefix="/users"),
+        route("users-me", path="/users/me"),
+        route("user-settings", path_prefix="/usersettings"),
+        route("api", path_prefix="/api/"),
+        route("root-exact", path="/"),
+        route("root", path_prefix="/", methods=("POST",)),
+        route("v-regex", path_regex="^/v[0-9]/"),
+        route("all"),
+    )
+    assert pick(r, b"/users/7") == "users-regex"  # a regex with a priority: in every split
+    assert pick(r, b"/users/me") == "users-me"
+    assert pick(r, b"/users/x?y") == "users"
+    assert pick(r, b"/users") == "users"
+    assert pick(r, b"/usersettings/a") == "user-settings"
+    assert pick(r, b"/users;x") == "all"  # the segment "users;x" has no route of its own
+    assert pick(r, b"/api/x") == "api"
+    assert pick(r, b"/api") == "all"  # "/api/" needs the slash
+    assert pick(r, b"/") == "root-exact"
+    assert pick(r, b"/?q") == "root-exact"
+    assert pick(r, b"/nothing", method=b"POST") == "root"  # the prefix "/" is in every split
+    assert pick(r, b"/users/x", method=b"POST") == "users"
+    assert pick(r, b"/v2/x") == "v-regex"
+    assert pick(r, b"//users") == "all"  # first segment "", not "users"
+    assert pick(r, b"*", method=b"OPTIONS") == "all"
+
+
+def test_target_not_in_origin_form_walks_every_candidate() -> None:
+    r = router(route("star", path_regex="^[*]$"), route("a", path_prefix="/a"))
+    assert pick(r, b"*", method=b"OPTIONS") == "star"
+    assert pick(r, b"/a/b") == "a"
+
+
+def test_host_answers_stay_right_past_the_cache_size() -> None:
+    r = router(
+        route("exact", host=("svc.example.org",)),
+        route("wild", host=("*.example.org",)),
+        route("other", path_prefix="/x"),
+    )
+    for i in range(2500):  # more Host values than the router remembers
+        assert pick(r, b"/x", host=b"h%d.example.org" % i) == "wild"
+        assert pick(r, b"/x", host=b"h%d.example.net:80" % i) == "other"
+        assert pick(r, b"/x", host=b"SVC.example.org:%d" % i) == "exact"
+    assert pick(r, b"/y", host=b"example.net") is None
+
+
 def test_same_match_and_priority_names_both_routes() -> None:
     message = config_error(
         route("users", path_prefix="/users"), route("people", path_prefix="/users")

@@ -675,8 +675,11 @@ class Engine:
         if rules:
             values = record.values
             if values is not None:
-                values.server = record.upstream.encode("latin-1")
-                values.process_time = format_process_time(record.head_at - record.started)
+                needed = rules.placeholders
+                if "server" in needed:
+                    values.server = record.upstream.encode("latin-1")
+                if "process_time" in needed:
+                    values.process_time = format_process_time(record.head_at - record.started)
             headers = rules.apply(headers, values)
         if route.cors is not None:
             headers = route.cors.response_headers(record.origin, headers)
@@ -692,16 +695,18 @@ class Engine:
         headers = request.headers
         if route.cors is not None:
             record.origin = get_first(headers, b"origin")
-        rules = route.headers
-        if rules.request.placeholders or rules.response.placeholders:
+        needed = route.placeholders
+        if needed:
+            # Only what the rules use (TemplateValues' contract): each of these
+            # costs a call, and this runs on every request of the route.
             record.values = TemplateValues(
                 request_id=record.request_id,
-                client_ip=client_addr.encode("latin-1"),
-                host=get_first(headers, b"host") or b"",
+                client_ip=client_addr.encode("latin-1") if "client_ip" in needed else b"",
+                host=(get_first(headers, b"host") or b"") if "host" in needed else b"",
                 method=request.method,
-                path=request.target.partition(b"?")[0],
-                route=route.name.encode(),
-                upstream=route.group.name.encode() if route.group is not None else b"",
+                path=request.target.partition(b"?")[0] if "path" in needed else b"",
+                route=route.name_bytes,
+                upstream=route.upstream_bytes,
             )
         if route.rewrite is None:
             return request

@@ -38,12 +38,17 @@ all of these and has the same conditions could never be chosen: that is a
 config error naming both.
 
 Cost. The order is settled when the router is built: one candidate list per
-configured exact host, per wildcard and for "no host", each already sorted.
-A match reads ``Host`` once (only when some route has a host condition), finds
-its list with one dict lookup (plus one per dot of the host for wildcards) and
-walks it until the first entry whose path and conditions hold. A single route
-with no condition, or any router whose first candidate is always such a route,
-answers without looking at the request.
+configured exact host, per wildcard and for "no host", each already sorted,
+and each split by the first path segment (``users`` in ``/users/7``): an exact
+path or a prefix can only match a path with its own first segment, so a
+request walks only the candidates of its segment, plus the regexes and the
+routes without a path condition, in the same order. A match reads ``Host``
+once (only when some route has a host condition) and finds its list with one
+dict lookup (plus one per dot of the host for wildcards; the answer is kept
+per ``Host`` value, up to ``_HOST_CACHE_SIZE`` of them), then one lookup for
+the segment, and walks that list until the first entry whose path and
+conditions hold. A single route with no condition, or any router whose first
+candidate is always such a route, answers without looking at the request.
 """
 
 from __future__ import annotations
@@ -76,6 +81,10 @@ _HOST_ANY: Final = 2
 _HOST_NAME: Final = re.compile(r"[a-z0-9_-]+(?:\.[a-z0-9_-]+)*")
 _IP_LITERAL: Final = re.compile(r"\[[0-9a-f:.]+\]")
 
+#: How many ``Host`` values the router remembers the candidates of; past that it
+#: forgets them all (clients choose the values, so the memory must stay bounded).
+_HOST_CACHE_SIZE: Final = 1024
+
 _Search: TypeAlias = Callable[[bytes], object]
 _Conditions: TypeAlias = tuple[tuple[bytes, bytes], ...]
 # What the hot loop reads, as a plain tuple (attribute access costs more):
@@ -88,6 +97,49 @@ _Candidate: TypeAlias = tuple[
 
 def _never(path: bytes) -> None:
     return None
+
+
+def _first_segment(path: bytes) -> bytes:
+    """``b"users"`` for ``/users/7`` and ``/users``, ``b""`` for ``/`` (an origin-form path)."""
+    end = path.find(b"/", 1)
+    return path[1:end] if end > 0 else path[1:]
+
+
+class _Candidates(Generic[P]):
+    """One sorted candidate list, split by the first path segment.
+
+    An exact path or a prefix matches only paths whose first segment is its own:
+    a prefix matches on a segment boundary, so a matching path starts with the
+    prefix's first segment and its ``/`` (or is the prefix). A regex, the prefix
+    ``/`` and a route with no path condition may match any path: they are in
+    every split, and alone in ``others`` (for a segment no route names).
+    """
+
+    __slots__ = ("all", "by_segment", "others")
+
+    def __init__(self, candidates: list[_Candidate[P]]) -> None:
+        self.all = candidates
+        segments: dict[bytes, None] = {}
+        anywhere: set[int] = set()
+        for i, (kind, path, *_) in enumerate(candidates):
+            if kind == _EXACT or (kind == _PREFIX and path != b"/"):
+                segments[_first_segment(path)] = None
+            else:
+                anywhere.add(i)
+        self.others = [c for i, c in enumerate(candidates) if i in anywhere]
+        self.by_segment = {
+            segment: [
+                c
+                for i, c in enumerate(candidates)
+                if i in anywhere or _first_segment(c[1]) == segment
+            ]
+            for segment in segments
+        }
+
+    def for_path(self, path: bytes) -> list[_Candidate[P]]:
+        if not path.startswith(b"/"):
+            return self.all  # "*": only a regex or a route without path may match
+        return self.by_segment.get(_first_segment(path), self.others)
 
 
 def route_key_path(name: str) -> str:
@@ -270,7 +322,14 @@ class Router(Generic[P]):
     route object), which :meth:`match` returns.
     """
 
-    __slots__ = ("_always", "_by_host", "_by_wildcard", "_default", "_uses_host")
+    __slots__ = (
+        "_always",
+        "_by_host",
+        "_by_wildcard",
+        "_default",
+        "_for_host_value",
+        "_uses_host",
+    )
 
     def __init__(self, routes: Sequence[tuple[RouteSettings, P]]) -> None:
         """Compile ``routes`` (in file order) and settle their order.
@@ -303,25 +362,29 @@ class Router(Generic[P]):
         def wildcards_of(host: str) -> list[_Entry[P]]:
             return [e for suffix, es in wildcard.items() if host.endswith(suffix) for e in es]
 
-        self._default: list[_Candidate[P]] = _sorted(anywhere)
-        self._by_host: dict[bytes, list[_Candidate[P]]] = {
-            host.encode(): _sorted(es + wildcards_of(host) + anywhere) for host, es in exact.items()
+        self._default = _Candidates(_sorted(anywhere))
+        self._by_host: dict[bytes, _Candidates[P]] = {
+            host.encode(): _Candidates(_sorted(es + wildcards_of(host) + anywhere))
+            for host, es in exact.items()
         }
         # A host's matching wildcards are all suffixes of its longest one, so
         # the longest one found names the whole list.
-        self._by_wildcard: dict[bytes, list[_Candidate[P]]] = {
-            suffix.encode(): _sorted(wildcards_of(suffix) + anywhere) for suffix in wildcard
+        self._by_wildcard: dict[bytes, _Candidates[P]] = {
+            suffix.encode(): _Candidates(_sorted(wildcards_of(suffix) + anywhere))
+            for suffix in wildcard
         }
         self._uses_host = bool(exact or wildcard)
+        #: Raw ``Host`` value -> its candidates (see _HOST_CACHE_SIZE).
+        self._for_host_value: dict[bytes, _Candidates[P]] = {}
         self._always: tuple[P] | None = self._first_whatever_asked()
 
     def _first_whatever_asked(self) -> tuple[P] | None:
         """The payload every request gets, if the top candidate is the same catch-all everywhere."""
         lists = [self._default, *self._by_host.values(), *self._by_wildcard.values()]
-        tops = {id(candidates[0]) if candidates else None for candidates in lists}
-        if len(tops) != 1 or not self._default:
+        tops = {id(candidates.all[0]) if candidates.all else None for candidates in lists}
+        if len(tops) != 1 or not self._default.all:
             return None
-        kind, _, _, _, methods, headers, payload = self._default[0]
+        kind, _, _, _, methods, headers, payload = self._default.all[0]
         if kind == _ANY and methods is None and headers is None:
             return (payload,)
         return None
@@ -338,12 +401,15 @@ class Router(Generic[P]):
             return self._always[0]
         candidates = self._default
         if self._uses_host:
-            found = self._candidates_for_host(headers)
-            if found is not None:
+            host = get_first(headers, b"host")
+            if host is not None:
+                found = self._for_host_value.get(host)
+                if found is None:
+                    found = self._candidates_for_host(host)
                 candidates = found
         query = target.find(b"?")
         path = target if query < 0 else target[:query]
-        for kind, exact, slashed, search, methods, conditions, payload in candidates:
+        for kind, exact, slashed, search, methods, conditions, payload in candidates.for_path(path):
             if kind == _EXACT:
                 if path != exact:
                     continue
@@ -364,11 +430,19 @@ class Router(Generic[P]):
             return payload
         return None
 
-    def _candidates_for_host(self, headers: Headers) -> list[_Candidate[P]] | None:
-        host = get_first(headers, b"host")
-        if host is None:
-            return None
-        host = host.lower()
+    def _candidates_for_host(self, value: bytes) -> _Candidates[P]:
+        """The candidates of a ``Host`` value, remembered for the next request."""
+        cache = self._for_host_value
+        if len(cache) >= _HOST_CACHE_SIZE:
+            cache.clear()
+        found = self._lookup_host(value)
+        if found is None:
+            found = self._default  # no route names this host
+        cache[value] = found
+        return found
+
+    def _lookup_host(self, value: bytes) -> _Candidates[P] | None:
+        host = value.lower()
         if host.startswith(b"["):
             end = host.find(b"]")
             if end > 0:

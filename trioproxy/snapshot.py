@@ -62,6 +62,11 @@ class Route:
     #: Whether any of the above changes requests or responses (the hot path
     #: asks once).
     has_transforms: bool = attrs.field(init=False)
+    #: The template placeholders its header rules use, both directions.
+    placeholders: frozenset[str] = attrs.field(init=False)
+    #: ``{route}`` and ``{upstream}`` as the bytes to write, encoded once.
+    name_bytes: bytes = attrs.field(init=False)
+    upstream_bytes: bytes = attrs.field(init=False)
 
     def __attrs_post_init__(self) -> None:
         self.has_transforms = bool(
@@ -71,6 +76,9 @@ class Route:
             or self.cors is not None
             or self.body_transform is not None
         )
+        self.placeholders = self.headers.request.placeholders | self.headers.response.placeholders
+        self.name_bytes = self.settings.name.encode()
+        self.upstream_bytes = self.group.name.encode() if self.group is not None else b""
 
     @property
     def name(self) -> str:

@@ -1,8 +1,9 @@
 """The bench must not rot: ``python -m bench --smoke`` runs end to end in the test suite.
 
 The smoke run needs nothing outside the project's virtualenv (no nginx, no wrk, no
-peers): trioproxy, with each parser, behind the bench's own Python back end, loaded by
-the bench's own Python client for two seconds. It must exit 0 and report a request rate
+peers): trioproxy, with each parser and with the 50-route config of
+``bench/gateway.py``, behind the bench's own Python back end, loaded by the bench's own
+Python client for two seconds. It must exit 0 and report a request rate
 above zero with zero errors. The parser of wrk's report, which a full run relies on to
 refuse numbers from a run with errors, is checked on fixed texts.
 """
@@ -53,7 +54,12 @@ def test_smoke_run_reports_requests_and_no_errors(tmp_path: Path) -> None:
 
     data = json.loads((tmp_path / "latest.json").read_text())
     measurements = data["measurements"]
-    assert {m["contender"] for m in measurements} == {"trioproxy", "trioproxy-h11"}
+    assert {(m["scenario"], m["contender"]) for m in measurements} == {
+        ("smoke-get-16", "trioproxy"),
+        ("smoke-get-16", "trioproxy-h11"),
+        # The 50-route config: a request that missed its route would get a 404.
+        ("smoke-routes-16", "trioproxy-50routes"),
+    }
     for m in measurements:
         assert m["status"] == "ok", m
         assert m["metrics"]["req_s"] > 0, m
