@@ -258,8 +258,6 @@ class Engine:
     use_hub: bool = True
     #: Why the last reload was refused (None after a good one), for ``/status``.
     config_error: str | None = None
-    #: Reloads by result (``success``, ``failure``).
-    reloads: dict[str, int] = attrs.Factory(lambda: {"success": 0, "failure": 0})
     _nursery: trio.Nursery | None = None
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -671,19 +669,14 @@ class Engine:
 
     def _transform_response(self, route: Route, headers: Headers, record: ExchangeLog) -> Headers:
         """The route's response header rules, then its CORS fields."""
-        rules = route.headers.response
-        if rules:
-            values = record.values
-            if values is not None:
-                needed = rules.placeholders
-                if "server" in needed:
-                    values.server = record.upstream.encode("latin-1")
-                if "process_time" in needed:
-                    values.process_time = format_process_time(record.head_at - record.started)
-            headers = rules.apply(headers, values)
-        if route.cors is not None:
-            headers = route.cors.response_headers(record.origin, headers)
-        return headers
+        values = record.values
+        if values is not None:
+            needed = route.placeholders
+            if "server" in needed:
+                values.server = record.upstream.encode("latin-1")
+            if "process_time" in needed:
+                values.process_time = format_process_time(record.head_at - record.started)
+        return route.response_headers(headers, values, record.origin)
 
     def prepare_request(
         self, request: RequestHead, route: Route, client_addr: str, record: ExchangeLog
@@ -695,19 +688,7 @@ class Engine:
         headers = request.headers
         if route.cors is not None:
             record.origin = get_first(headers, b"origin")
-        needed = route.placeholders
-        if needed:
-            # Only what the rules use (TemplateValues' contract): each of these
-            # costs a call, and this runs on every request of the route.
-            record.values = TemplateValues(
-                request_id=record.request_id,
-                client_ip=client_addr.encode("latin-1") if "client_ip" in needed else b"",
-                host=(get_first(headers, b"host") or b"") if "host" in needed else b"",
-                method=request.method,
-                path=request.target.partition(b"?")[0] if "path" in needed else b"",
-                route=route.name_bytes,
-                upstream=route.upstream_bytes,
-            )
+        record.values = route.template_values(request, client_addr, record.request_id)
         if route.rewrite is None:
             return request
         target, prefix = route.rewrite.apply(request.target)

@@ -23,12 +23,14 @@ from trioproxy.balance.group import LiveGroup
 from trioproxy.config.errors import ConfigError
 from trioproxy.config.model import Config, RouteSettings
 from trioproxy.http.cors import CorsPolicy, compile_cors
-from trioproxy.http.protocol import Headers
+from trioproxy.http.headers import get_first
+from trioproxy.http.protocol import Headers, RequestHead
 from trioproxy.http.transforms import (
     BodyTransform,
     HeaderRuleSet,
     HeaderTransform,
     PathRewrite,
+    TemplateValues,
     compile_header_rules,
     compile_rewrite,
     load_body_transform,
@@ -83,6 +85,37 @@ class Route:
     @property
     def name(self) -> str:
         return self.settings.name
+
+    def template_values(
+        self, request: RequestHead, client_addr: str, request_id: bytes
+    ) -> TemplateValues | None:
+        """The header templates' values taken from the client's request, only those
+        the rules use (each costs a call, on every request of the route); None when
+        they use none."""
+        needed = self.placeholders
+        if not needed:
+            return None
+        headers = request.headers
+        return TemplateValues(
+            request_id=request_id,
+            client_ip=client_addr.encode("latin-1") if "client_ip" in needed else b"",
+            host=(get_first(headers, b"host") or b"") if "host" in needed else b"",
+            method=request.method,
+            path=request.target.partition(b"?")[0] if "path" in needed else b"",
+            route=self.name_bytes,
+            upstream=self.upstream_bytes,
+        )
+
+    def response_headers(
+        self, headers: Headers, values: TemplateValues | None, origin: bytes | None
+    ) -> Headers:
+        """``headers`` with the response header rules applied, then the CORS fields
+        for ``origin`` (an upstream's response and a ``respond`` answer alike)."""
+        if self.headers.response:
+            headers = self.headers.response.apply(headers, values)
+        if self.cors is not None:
+            headers = self.cors.response_headers(origin, headers)
+        return headers
 
     @classmethod
     def to_group(

@@ -14,7 +14,7 @@ from trioproxy.errors import MethodNotAllowed, ProtocolError, ProxyError
 from trioproxy.http.cors import is_preflight
 from trioproxy.http.headers import get_first, reason_phrase
 from trioproxy.http.protocol import Headers, RequestHead
-from trioproxy.http.transforms import TemplateValues, format_process_time
+from trioproxy.http.transforms import format_process_time
 
 if TYPE_CHECKING:
     from trioproxy.snapshot import Route
@@ -89,20 +89,8 @@ def local_answer(
     if respond is None:
         return None
     headers = [(b"content-type", respond.content_type.encode()), (b"x-request-id", request_id)]
-    rules = route.headers.response
-    if rules:
-        values = None
-        if rules.placeholders:
-            values = TemplateValues(
-                request_id=request_id,
-                client_ip=client_addr.encode("latin-1"),
-                host=get_first(head.headers, b"host") or b"",
-                method=head.method,
-                path=head.target.partition(b"?")[0],
-                route=route.name.encode(),
-                process_time=format_process_time(0.0),
-            )
-        headers = rules.apply(headers, values)
-    if cors is not None:
-        headers = cors.response_headers(get_first(head.headers, b"origin"), headers)
+    values = route.template_values(head, client_addr, request_id)
+    if values is not None:
+        values.process_time = format_process_time(0.0)
+    headers = route.response_headers(headers, values, get_first(head.headers, b"origin"))
     return Answer(respond.status, headers, respond.body.encode())

@@ -204,7 +204,6 @@ class ProxyServer:
                 more = f" (and {len(lines) - 1} more)" if len(lines) > 1 else ""
                 engine.config_error = f"{lines[0]}{more}"
                 log.error("reload refused, the config in use stays: %s", engine.config_error)
-                engine.reloads["failure"] += 1
                 return False
             old, new = self.config.server, config.server
             if (old.host, old.port) != (new.host, new.port):
@@ -219,7 +218,6 @@ class ProxyServer:
             await engine.activate(snapshot)
             self.config = config
             engine.config_error = None
-            engine.reloads["success"] += 1
             log.info(
                 "config reloaded (generation %d): %d routes, %d upstream groups",
                 generation,
