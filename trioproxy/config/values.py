@@ -372,27 +372,26 @@ def header_names(value: object) -> tuple[str, ...]:
 
 def header_table(value: object) -> tuple[tuple[str, str], ...]:
     """``{ "X-Name" = "value", ... }`` → ``(("x-name", "value"), ...)`` in file order."""
-    problems: list[tuple[str, str]] = []
-    pairs: list[tuple[str, str]] = []
-    for name, item in _table(value).items():
-        try:
-            pairs.append((header_name(name), header_value(item)))
-        except Invalid as exc:
-            problems.extend((f".{_key(name)}", reason) for _, reason in exc.problems)
-    if problems:
-        raise Invalid.many(problems)
-    return tuple(pairs)
+    return _pair_table(value, header_name, header_value)
 
 
 def path_table(value: object) -> tuple[tuple[str, str], ...]:
     """``{ "/from" = "/to", ... }`` → pairs in file order; both sides paths."""
+    return _pair_table(value, url_path, url_path)
+
+
+def _pair_table(
+    value: object, check_key: Callable[[str], str], check_item: Callable[[object], str]
+) -> tuple[tuple[str, str], ...]:
+    """A table's (key, item) pairs in file order, each side checked; every bad
+    entry is reported, at its key."""
     problems: list[tuple[str, str]] = []
     pairs: list[tuple[str, str]] = []
-    for source, target in _table(value).items():
+    for key, item in _table(value).items():
         try:
-            pairs.append((url_path(source), url_path(target)))
+            pairs.append((check_key(key), check_item(item)))
         except Invalid as exc:
-            problems.extend((f".{_key(source)}", reason) for _, reason in exc.problems)
+            problems.extend((f".{_key(key)}", reason) for _, reason in exc.problems)
     if problems:
         raise Invalid.many(problems)
     return tuple(pairs)
