@@ -332,7 +332,9 @@ class Engine:
         the client. Retries are spaced by jittered backoff and capped by the
         retry budget. See the module docstring for what it raises.
         """
-        record.request_id = request_id_from(request.headers) or new_request_id()
+        # Kept when the front end already took it (a CORS route asks before it comes here).
+        if not record.request_id:
+            record.request_id = request_id_from(request.headers) or new_request_id()
         record.started = self.current_time()
         group = route.group
         assert group is not None, "a respond route is answered by the front end"

@@ -276,7 +276,9 @@ async def serve_websocket(
     if await downstream.receive_body():
         raise BadWebSocketRequest("WebSocket upgrade request with a body")
     handshake = parse_client_handshake(head)
-    record.request_id = request_id_from(head.headers) or new_request_id()
+    # Kept when the front end already took it (a CORS route asks before it comes here).
+    if not record.request_id:
+        record.request_id = request_id_from(head.headers) or new_request_id()
     group = route.group
     assert group is not None, "a respond route is answered by the front end"
     balancing = Balancing(group)
