@@ -257,7 +257,9 @@ async def test_an_http09_request_line_gets_400_at_once(
     print(f"HTTP/0.9 line ({parser}): 400 and closed after {took * 1000:.1f} ms")
     assert_short_error(response, 400)
     assert response.get("connection") == "close"
-    assert took < 0.1, took
+    # Far below the 10 s header timeout it would otherwise wait for; 1 s leaves
+    # room for a stalled CI machine.
+    assert took < 1.0, took
     assert canned.connections == (1 if after_a_request else 0)
     assert_clean_log(proxy)
 

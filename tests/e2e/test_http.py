@@ -269,7 +269,10 @@ async def test_sse_events_arrive_as_they_are_sent(
                 ids.append(data["i"])
                 lags.append(now - data["t"])
     assert ids == list(range(20))
-    assert max(lags) < 0.05, lags
+    # Events are 20 ms apart: a proxy holding even one back would show 20 ms+ on
+    # most of them; one slow scheduling slice on a shared machine shows on one.
+    assert sorted(lags)[-2] < 0.05, lags
+    assert max(lags) < 0.25, lags
 
 
 # --- what crosses the proxy ------------------------------------------------------------
