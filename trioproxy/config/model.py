@@ -65,6 +65,32 @@ class HeaderRules:
 
 
 @attrs.frozen(kw_only=True)
+class RedisSettings:
+    """``[server] redis``: the shared store of rate limits."""
+
+    url: str = "redis://127.0.0.1:6379/0"
+    #: Longer than this and the store counts as failed for that request.
+    timeout: float = 0.05
+    #: ``"allow"`` or ``"deny"`` (503) a request whose limit the store could not check.
+    on_store_error: str = "allow"
+
+
+@attrs.frozen(kw_only=True)
+class RateLimitSpec:
+    """One entry of a route's ``rate_limit``: ``average`` requests per ``period`` per
+    key, up to ``burst`` at once (default: ``average``)."""
+
+    average: int
+    period: float = 1.0
+    #: None: ``average`` (a whole period's quota may come at once).
+    burst: int | None = None
+    #: ``ip``, ``route``, ``api_key`` or ``header:NAME`` (name lower-case).
+    key: str = "ip"
+    #: ``memory`` (this process) or ``redis`` (shared by every instance).
+    store: str = "memory"
+
+
+@attrs.frozen(kw_only=True)
 class ServerSettings:
     """``[server]``: the listener and what applies to every route."""
 
@@ -87,6 +113,11 @@ class ServerSettings:
     headers: HeaderRules = HeaderRules()
     #: Start the two built-in demo upstreams (command line only).
     demo: bool = False
+    #: ``redis = { url, timeout, on_store_error }``: the store of ``store = "redis"``
+    #: rate limits; None: no route may use one.
+    redis: RedisSettings | None = None
+    #: Most keys the memory store of rate limits holds (least recently used go first).
+    rate_limit_max_keys: int = 100_000
 
 
 @attrs.frozen(kw_only=True)
@@ -218,6 +249,11 @@ class RouteSettings:
     #: ``"package.module:function"``; see ``trioproxy.http.transforms``.
     body_transform: str | None = None
     body_transform_limit: int = 1 << 20
+    #: ``rate_limit = [{ average, period, burst, key, store }, ...]``: every one must
+    #: admit a request (see ``trioproxy.edge.ratelimit``).
+    rate_limit: tuple[RateLimitSpec, ...] = ()
+    #: Most requests (and WebSocket tunnels) open at once on this route; None: no cap.
+    max_inflight: int | None = None
 
 
 @attrs.frozen(kw_only=True)
