@@ -10,7 +10,8 @@ The client is coredis: it is maintained, typed, and built on anyio, so it runs
 under trio as it is (redis-py's asyncio client does not: it needs an asyncio
 event loop). coredis 6 clients must be used as async context managers, so the
 store is a service (``await nursery.start(store.run)``) that holds the client
-open for its life.
+open for its life. It is imported only when a store starts (~0.2 s of import
+time that a proxy without ``[server] redis`` does not pay).
 
 When Redis fails (refused, reset, or no answer within ``timeout``) the request
 is decided by ``on_store_error``: ``allow`` lets it through uncounted, ``deny``
@@ -25,13 +26,16 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
-import coredis
 import trio
-from coredis.retry import NoRetryPolicy
 
 from trioproxy.config.model import RedisSettings
 from trioproxy.edge.ratelimit import Limit, Verdict
+
+if TYPE_CHECKING:
+    import coredis
+    import coredis.commands
 
 log = logging.getLogger("trioproxy.edge")
 
@@ -89,8 +93,11 @@ class RedisStore:
         self._client: coredis.Redis[bytes] | None = None
         self._script: coredis.commands.Script[bytes] | None = None
         self._failing = False
+        self._errors_before_outage = 0
         self._retry_at = 0.0
         self._scope = trio.CancelScope()
+        #: What a failed command raises (coredis's errors, once it is imported).
+        self._store_errors: tuple[type[Exception], ...] = (OSError,)
 
     @property
     def deny_on_error(self) -> bool:
@@ -103,6 +110,13 @@ class RedisStore:
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Hold the client open until :meth:`stop` or cancellation. Connections are
         made on demand: a Redis that is down at start is an outage like any other."""
+        import coredis
+        from coredis.retry import NoRetryPolicy
+
+        self._store_errors = (coredis.exceptions.RedisError, OSError)
+        # Its INFO lines (a script loaded again, a connection lost) would be noise in
+        # the access log; an outage is logged here, once.
+        logging.getLogger("coredis").setLevel(logging.WARNING)
         client: coredis.Redis[bytes] = coredis.Redis.from_url(
             self.settings.url, retry_policy=NoRetryPolicy()
         )
@@ -132,7 +146,7 @@ class RedisStore:
         clock = trio.current_time()
         script = self._script
         if script is None or (self._failing and clock < self._retry_at):
-            self._failed("not connected" if script is None else "")
+            self._failed("not connected" if script is None else "", tried=False)
             return None
         args: list[str | int] = ["" if now is None else str(round(now * 1_000_000))]
         for limit in limits:
@@ -142,7 +156,7 @@ class RedisStore:
         with trio.move_on_after(self.settings.timeout):
             try:
                 reply = list(await script(keys=[KEY_PREFIX + key for key in keys], args=args))
-            except (coredis.exceptions.RedisError, OSError) as exc:
+            except self._store_errors as exc:
                 why = f"{type(exc).__name__}: {exc}"
         if reply is None:
             self._failed(why)
@@ -150,23 +164,27 @@ class RedisStore:
         if self._failing:
             self._failing = False
             log.warning(
-                "rate limit store %s answers again (%d requests were decided without it)",
+                "rate limit store %s recovered (%d requests were decided without it)",
                 self.settings.url,
-                self.errors,
+                self.errors - self._errors_before_outage,
             )
         allowed = tuple(bool(reply[2 * i]) for i in range(len(limits)))
         debts = tuple(int(reply[2 * i + 1]) for i in range(len(limits)))
         return Verdict(tuple(limits), allowed, debts)
 
-    def _failed(self, why: str) -> None:
-        """Count a request decided without Redis; log the start of an outage."""
+    def _failed(self, why: str, *, tried: bool = True) -> None:
+        """Count a request decided without Redis; log the start of an outage. After
+        a failed try, the next one is :data:`RETRY_INTERVAL` away."""
         self.errors += 1
-        self._retry_at = trio.current_time() + RETRY_INTERVAL
+        if tried:
+            self._retry_at = trio.current_time() + RETRY_INTERVAL
         if not self._failing:
             self._failing = True
-            way = "denying them (503)" if self.deny_on_error else "allowing them"
+            self._errors_before_outage = self.errors - 1
+            way = "denying (503)" if self.deny_on_error else "allowing"
             log.error(
-                "rate limit store %s failed (%s): %s until it answers again",
+                "rate limit store %s failed (%s): %s the requests it cannot check "
+                "until it recovers",
                 self.settings.url,
                 why or "unavailable",
                 way,
