@@ -11,6 +11,8 @@ from __future__ import annotations
 import json
 import math
 import re
+import subprocess
+import sys
 import textwrap
 from collections import Counter
 from pathlib import Path
@@ -21,7 +23,7 @@ import trio
 import trio_websocket
 import upstream_app
 from e2e.conftest import RawConnection, RawResponse
-from fixtures import ProxyProcess, raw_request, run_proxy, serve_asgi
+from fixtures import REPO_ROOT, ProxyProcess, raw_request, run_proxy, serve_asgi
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -277,3 +279,16 @@ async def test_limits_survive_a_reload(tmp_path: Path) -> None:
         refused = await get(proxy, "/")
         assert refused.status == 429
         assert math.isfinite(int(refused.get("retry-after") or "0"))
+
+
+def test_the_example_config_passes_check_config() -> None:
+    example = "examples/rate-limits.toml"
+    result = subprocess.run(
+        [sys.executable, "-m", "trioproxy", "--check-config", "--config", example],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert (result.returncode, result.stderr) == (0, "")
+    assert result.stdout == "config OK: 3 routes, 2 upstream groups, 3 servers\n"

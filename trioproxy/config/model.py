@@ -10,13 +10,14 @@ The shape::
     Config
     ├─ server: ServerSettings        [server]
     │    ├─ admin: AdminSettings | None
-    │    └─ headers: HeaderRules     applied on every route
+    │    ├─ headers: HeaderRules     applied on every route
+    │    └─ redis: RedisSettings | None   the shared store of rate limits
     ├─ upstreams: {name: UpstreamGroup}   [upstreams.NAME]
     │    servers (TargetSpec), strategy, health, passive, breaker, retry,
     │    pool, timeouts, tls, preserve_host
     └─ routes: (RouteSettings, ...)  [routes.NAME], in file order
          match, rewrite, headers, cors, respond, timeouts, max_body_size,
-         body_transform
+         body_transform, rate_limit (RateLimitSpec), max_inflight
 
 Values are checked where they are loaded (``trioproxy.config.load``, with the
 checks of ``trioproxy.config.values``), so that an error can name its source
