@@ -23,6 +23,7 @@ import trio
 
 from trioproxy.config.model import RedisSettings, RouteSettings, ServerSettings
 from trioproxy.edge.ratelimit import (
+    DEFAULT_MAX_KEYS,
     Limit,
     MemoryStore,
     Verdict,
@@ -122,34 +123,47 @@ class RouteLimits:
 
 @attrs.define(eq=False)
 class EdgeState:
-    """What the limits keep across reloads (see the module's docstring)."""
+    """What the limits keep across reloads (see the module's docstring).
+
+    Building one changes nothing in the state it carries from (a reload that is
+    then refused leaves the one in use as it was); :meth:`EdgeService.activate`
+    applies what must change in shared objects (the memory store's bound).
+    """
 
     memory: MemoryStore = attrs.field(factory=MemoryStore)
     redis: RedisStore | None = None
+    #: Each route's counters, by route name (the routes of this snapshot only).
     counters: dict[str, RouteCounters] = attrs.field(factory=dict)
+    #: ``[server] rate_limit_max_keys`` of this snapshot.
+    max_keys: int = DEFAULT_MAX_KEYS
+    _carried: dict[str, RouteCounters] = attrs.field(factory=dict)
 
     @classmethod
     def carry(cls, server: ServerSettings, previous: EdgeState | None) -> EdgeState:
         """The state for a new snapshot of ``server``, carried from ``previous``."""
+        max_keys = server.rate_limit_max_keys
         if previous is None:
-            state = cls(memory=MemoryStore(server.rate_limit_max_keys))
-        else:
-            state = cls(memory=previous.memory, counters=previous.counters)
-            state.memory.max_keys = server.rate_limit_max_keys
-            if previous.redis is not None and previous.redis.settings == server.redis:
-                state.redis = previous.redis
-        if state.redis is None and server.redis is not None:
-            state.redis = RedisStore(server.redis)
-        return state
+            return cls(
+                memory=MemoryStore(max_keys),
+                redis=RedisStore(server.redis) if server.redis is not None else None,
+                max_keys=max_keys,
+            )
+        redis = previous.redis
+        if redis is None or redis.settings != server.redis:
+            redis = RedisStore(server.redis) if server.redis is not None else None
+        return cls(
+            memory=previous.memory, redis=redis, max_keys=max_keys, carried=previous.counters
+        )
 
     def route_limits(self, settings: RouteSettings) -> RouteLimits | None:
         """The live limits of a route; None when it has none."""
         if not settings.rate_limit and settings.max_inflight is None:
             return None
         limits = compile_limits(settings.rate_limit, settings.name)
-        counters = self.counters.setdefault(settings.name, RouteCounters())
+        name = settings.name
+        counters = self.counters[name] = self._carried.get(name) or RouteCounters()
         return RouteLimits(
-            route=settings.name,
+            route=name,
             memory_limits=tuple(limit for limit in limits if limit.spec.store == "memory"),
             redis_limits=tuple(limit for limit in limits if limit.spec.store == "redis"),
             max_inflight=settings.max_inflight,
@@ -205,6 +219,7 @@ class EdgeService:
         """Start ``state``'s Redis store if it is new; stop the ones it replaced."""
         nursery = self._nursery
         assert nursery is not None, "EdgeService.run is not running"
+        state.memory.max_keys = state.max_keys
         store = state.redis
         for old in self._running:
             if old is not store:
