@@ -52,7 +52,7 @@ def config_text(upstream: str, redis_url: str, on_store_error: str = "allow") ->
     return f"""
         [server]
         admin = {{ port = 0 }}
-        redis = {{ url = "{redis_url}", timeout = "200ms", on_store_error = "{on_store_error}" }}
+        redis = {{ url = "{redis_url}", timeout = "1s", on_store_error = "{on_store_error}" }}
         [upstreams.app]
         servers = ["{upstream}"]
         [routes.shared]

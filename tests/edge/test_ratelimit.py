@@ -3,6 +3,8 @@ a fake clock is a number passed in."""
 
 from __future__ import annotations
 
+import random
+
 import pytest
 
 from trioproxy.config.model import RateLimitSpec
@@ -10,6 +12,7 @@ from trioproxy.edge.ratelimit import (
     US,
     Limit,
     MemoryStore,
+    admit_memory,
     check_memory,
     compile_limits,
     gcra,
@@ -177,3 +180,21 @@ def test_presented_key() -> None:
 def test_microsecond_clock_agrees_with_seconds() -> None:
     assert US == 1_000_000
     assert limit(average=3, period=1.0).interval == 333_333
+
+
+def test_the_hot_path_decides_as_check_memory() -> None:
+    rng = random.Random(7)
+    specs = [
+        RateLimitSpec(average=10, period=1.0, burst=3, key="ip"),
+        RateLimitSpec(average=4, period=2.0, burst=2, key="header:x-user"),
+    ]
+    limits = compile_limits(specs, "r")
+    fast, slow = MemoryStore(), MemoryStore()
+    now = 50.0
+    for _ in range(500):
+        now += rng.choice([0.0, 0.01, 0.05, 0.2, 0.6])
+        headers = [(b"x-user", rng.choice([b"a", b"b"]))]
+        addr = rng.choice(["1.1.1.1", "2.2.2.2"])
+        keys = [request_key(limit, headers, addr) for limit in limits]
+        expected = check_memory(slow, limits, keys, now).passed
+        assert admit_memory(fast, limits, headers, addr, now) == expected

@@ -100,19 +100,24 @@ async def test_steady_traffic_during_an_outage_still_finds_redis_back(
 async def test_a_stalled_redis_costs_its_timeout_not_more(nursery: trio.Nursery) -> None:
     (one,) = compile_limits([RateLimitSpec(average=100, key="route")], "stall")
     async with run_redis() as redis:
-        store = RedisStore(RedisSettings(url=redis.url, timeout=0.1, on_store_error="deny"))
+        store = RedisStore(RedisSettings(url=redis.url, timeout=0.5, on_store_error="deny"))
         await nursery.start(store.run)
-        assert await store.check([one], ["k"]) is not None
+        # The first check connects and loads the script: on a loaded machine that may
+        # take longer than the timeout, so it is given several tries.
+        with trio.fail_after(10):
+            while await store.check([one], ["k"]) is None:  # noqa: ASYNC110 (another process)
+                await trio.sleep(redis_store.RETRY_INTERVAL)
+        errors = store.errors
         redis.pause()
         started = trio.current_time()
         assert await store.check([one], ["k"]) is None
         # The timeout, plus room for a loaded machine.
-        assert trio.current_time() - started < 1.0
-        # Within the retry interval the next request does not wait at all.
+        assert 0.45 < trio.current_time() - started < 3.0
+        # Within the retry interval the next request does not wait for Redis.
         started = trio.current_time()
         assert await store.check([one], ["k"]) is None
-        assert trio.current_time() - started < 0.05
-        assert store.errors == 2
+        assert trio.current_time() - started < 0.25
+        assert store.errors == errors + 2
         redis.resume()
         store.stop()
 

@@ -27,6 +27,7 @@ from trioproxy.edge.ratelimit import (
     Limit,
     MemoryStore,
     Verdict,
+    admit_memory,
     check_memory,
     compile_limits,
     request_key,
@@ -76,8 +77,14 @@ class RouteLimits:
             counters.busy += 1
             raise RouteBusy(f"route {self.route}: {self.max_inflight} requests in flight")
         counters.inflight += 1
+        if not self.memory_limits and not self.redis_limits:
+            return
         try:
-            await self._check_rates(headers, client_addr, now)
+            if self.redis_limits:
+                await self._check_rates(headers, client_addr, now)
+            elif not admit_memory(self.memory, self.memory_limits, headers, client_addr, now):
+                keys = [request_key(limit, headers, client_addr) for limit in self.memory_limits]
+                self._reject(check_memory(self.memory, self.memory_limits, keys, now, commit=False))
         except BaseException:
             counters.inflight -= 1
             raise
@@ -87,11 +94,6 @@ class RouteLimits:
 
     async def _check_rates(self, headers: Headers, client_addr: str, now: float) -> None:
         memory_keys = [request_key(limit, headers, client_addr) for limit in self.memory_limits]
-        if not self.redis_limits:
-            verdict = check_memory(self.memory, self.memory_limits, memory_keys, now)
-            if not verdict.passed:
-                self._reject(verdict)
-            return
         # Memory limits are asked first and counted last: a refusal by Redis costs
         # no memory quota. (Asked again at the end, since Redis took a while.)
         verdict = check_memory(self.memory, self.memory_limits, memory_keys, now, commit=False)

@@ -260,3 +260,25 @@ def check_memory(
         for limit, key, debt in zip(limits, keys, debts, strict=True):
             store.set(key, now_us + debt + limit.interval)
     return Verdict(tuple(limits), tuple(allowed), tuple(debts))
+
+
+def admit_memory(
+    store: MemoryStore, limits: Sequence[Limit], headers: Headers, client_addr: str, now: float
+) -> bool:
+    """:func:`check_memory` for the common case, on the hot path: count the request
+    and say True if every limit admits it; else count nothing and say False (the
+    caller asks :func:`check_memory` for the verdict to answer with)."""
+    now_us = round(now * US)
+    get = store.get
+    pending: list[tuple[str, int]] = []
+    for limit in limits:
+        key = request_key(limit, headers, client_addr)
+        interval = limit.interval
+        tat = get(key)
+        debt = 0 if tat is None or tat < now_us else tat - now_us
+        if debt + interval > limit.burst * interval:
+            return False
+        pending.append((key, now_us + debt + interval))
+    for key, tat in pending:
+        store.set(key, tat)
+    return True
