@@ -245,6 +245,24 @@ async def test_max_inflight_counts_requests_and_tunnels(
         assert app.hits["/echo"] == 0  # the refused one never reached the upstream
         assert (await get(proxy, "/echo")).status == 200
 
+        # An open event stream holds its place until it ends.
+        stream = await connect(proxy)
+        try:
+            await stream.send(b"GET /sse?n=3&interval=0.5 HTTP/1.1\r\nHost: t\r\n\r\n")
+            assert b" 200 " in await stream.read_head_bytes(within=10)
+            other = await connect(proxy)
+            try:
+                await other.send(b"GET /sse?n=3&interval=0.5 HTTP/1.1\r\nHost: t\r\n\r\n")
+                assert b" 200 " in await other.read_head_bytes(within=10)
+                assert (await get(proxy, "/echo")).status == 503
+            finally:
+                await other.aclose()
+        finally:
+            await stream.aclose()
+        with trio.fail_after(10):
+            while (await get(proxy, "/echo")).status != 200:  # noqa: ASYNC110
+                await trio.sleep(0.05)
+
         # An open WebSocket tunnel holds its place until it closes.
         ws_url = proxy.url.replace("http://", "ws://") + "/ws"
         async with trio_websocket.open_websocket_url(ws_url) as first:
