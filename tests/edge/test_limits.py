@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 import trio
+import trio.testing
 
 from trioproxy.config.model import RateLimitSpec, RedisSettings, RouteSettings, ServerSettings
 from trioproxy.edge.limits import EdgeService, EdgeState
@@ -109,3 +110,29 @@ async def test_the_memory_bound_changes_only_when_a_snapshot_serves() -> None:
 
 def test_no_limits_no_object() -> None:
     assert EdgeState().route_limits(route()) is None
+
+
+async def test_a_reload_that_changes_redis_swaps_the_store() -> None:
+    def at(port: int) -> ServerSettings:
+        return ServerSettings(redis=RedisSettings(url=f"redis://127.0.0.1:{port}/0"))
+
+    first = EdgeState.carry(at(1), None)
+    second = EdgeState.carry(at(2), first)
+    same = EdgeState.carry(at(2), second)
+    none = EdgeState.carry(ServerSettings(), same)
+    assert first.redis is not None and second.redis is not None
+    assert same.redis is second.redis
+    service = EdgeService()
+    async with trio.open_nursery() as nursery:
+        await nursery.start(service.run)
+        await service.activate(first)
+        assert first.redis.connected
+        await service.activate(second)
+        await trio.testing.wait_all_tasks_blocked()
+        assert not first.redis.connected and second.redis.connected
+        await service.activate(same)
+        assert second.redis.connected
+        await service.activate(none)
+        await trio.testing.wait_all_tasks_blocked()
+        assert not second.redis.connected
+        nursery.cancel_scope.cancel()

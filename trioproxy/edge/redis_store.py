@@ -104,6 +104,11 @@ class RedisStore:
         return self.settings.on_store_error == "deny"
 
     @property
+    def connected(self) -> bool:
+        """Whether its client is open (between ``run``'s start and its end)."""
+        return self._client is not None
+
+    @property
     def healthy(self) -> bool:
         return self._client is not None and not self._failing
 
