@@ -174,7 +174,7 @@ class MemoryStore:
     """TATs by key, at most ``max_keys`` of them: the least recently used key goes
     first. Evicting a key whose debt is paid loses nothing; one still in debt is
     forgiven (so the bound is the memory cost of an attack with that many keys,
-    ~200 bytes a key)."""
+    210 to 240 bytes a key, measured with tracemalloc)."""
 
     def __init__(self, max_keys: int = DEFAULT_MAX_KEYS) -> None:
         self.max_keys = max_keys
