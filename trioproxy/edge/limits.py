@@ -15,7 +15,6 @@ more requests than the cap through.
 
 from __future__ import annotations
 
-import logging
 from typing import Any, NoReturn
 
 import attrs
@@ -35,8 +34,6 @@ from trioproxy.edge.ratelimit import (
 from trioproxy.edge.redis_store import RedisStore
 from trioproxy.errors import RateLimited, RateLimitStoreUnavailable, RouteBusy
 from trioproxy.http.protocol import Headers
-
-log = logging.getLogger("trioproxy.edge")
 
 
 @attrs.define
@@ -93,6 +90,7 @@ class RouteLimits:
         self.counters.inflight -= 1
 
     async def _check_rates(self, headers: Headers, client_addr: str, now: float) -> None:
+        """A route with Redis limits (and maybe memory ones): raise to refuse."""
         memory_keys = [request_key(limit, headers, client_addr) for limit in self.memory_limits]
         # Memory limits are asked first and counted last: a refusal by Redis costs
         # no memory quota. (Asked again at the end, since Redis took a while.)
