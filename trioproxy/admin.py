@@ -66,6 +66,7 @@ class AdminApp:
                     "loaded_at": snapshot.loaded_at,
                     "last_error": self.engine.config_error,
                 }
+                status["limits"] = snapshot.edge.status()
             return 200, b"application/json", _json(status)
         return 404, b"text/plain; charset=utf-8", b"not found\n"
 

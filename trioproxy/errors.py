@@ -153,3 +153,34 @@ class PoolTimeout(ProxyError):
 class NoRoute(ProxyError):
     status = 404
     reason = "no route for this request"
+
+
+# --- the edge's own refusals (trioproxy.edge) -------------------------------------
+
+
+class RateLimited(ProxyError):
+    """Over one of the route's rate limits; ``headers`` carry ``Retry-After`` and the
+    ``RateLimit-Policy`` / ``RateLimit`` fields."""
+
+    status = 429
+    reason = "too many requests"
+
+    def __init__(self, detail: str, headers: tuple[tuple[bytes, bytes], ...]) -> None:
+        super().__init__(detail)
+        self.headers = headers
+
+
+class RouteBusy(ProxyError):
+    """The route has ``max_inflight`` requests open already."""
+
+    status = 503
+    reason = "too many requests in progress"
+    headers = ((b"retry-after", b"1"),)
+
+
+class RateLimitStoreUnavailable(ProxyError):
+    """The shared rate limit store failed and ``on_store_error = "deny"``."""
+
+    status = 503
+    reason = "rate limit store unavailable"
+    headers = ((b"retry-after", b"1"),)

@@ -22,6 +22,7 @@ import attrs
 from trioproxy.balance.group import LiveGroup
 from trioproxy.config.errors import ConfigError
 from trioproxy.config.model import Config, RouteSettings
+from trioproxy.edge.limits import EdgeState, RouteLimits
 from trioproxy.http.cors import CorsPolicy, compile_cors
 from trioproxy.http.headers import get_first
 from trioproxy.http.protocol import Headers, RequestHead
@@ -61,6 +62,8 @@ class Route:
     headers: HeaderRuleSet = _NO_HEADER_RULES
     cors: CorsPolicy | None = None
     body_transform: BodyTransform | None = None
+    #: Rate limits and ``max_inflight``; None when the route has neither.
+    limits: RouteLimits | None = None
     #: Whether any of the above changes requests or responses (the hot path
     #: asks once).
     has_transforms: bool = attrs.field(init=False)
@@ -140,6 +143,8 @@ class Snapshot:
     generation: int = 1
     #: Wall-clock time it was made (for ``/status``).
     loaded_at: float = attrs.field(factory=time.time)
+    #: Rate limit stores and route counters, carried from snapshot to snapshot.
+    edge: EdgeState = attrs.field(factory=EdgeState)
     router: Router[Route] = attrs.field(init=False)
     #: ``route_for(method, target, headers)``: the route a request takes, or None
     #: (the client gets 404).
@@ -171,6 +176,7 @@ def build_snapshot(
         or _NO_HEADER_RULES
     )
     kept = previous.groups if previous is not None else {}
+    edge = EdgeState.carry(server, previous.edge if previous is not None else None)
     groups: dict[str, LiveGroup] = {}
     for name, group_settings in config.upstreams.items():
         old = kept.get(name)
@@ -210,11 +216,14 @@ def build_snapshot(
                 headers=server_headers.then(headers) if headers is not None else server_headers,
                 cors=cors,
                 body_transform=transform,
+                limits=edge.route_limits(settings),
             )
         )
     snapshot = None
     try:
-        snapshot = Snapshot(config=config, routes=routes, groups=groups, generation=generation)
+        snapshot = Snapshot(
+            config=config, routes=routes, groups=groups, generation=generation, edge=edge
+        )
     except ConfigError as exc:  # from the router: duplicates, bad hosts, paths, regexes
         problems.extend(str(exc).splitlines())
     if problems:

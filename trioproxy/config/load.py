@@ -61,6 +61,7 @@ from trioproxy.config.model import (
     MatchSpec,
     PassiveSettings,
     PoolSettings,
+    RedisSettings,
     RespondSpec,
     RetrySettings,
     RewriteSpec,
@@ -117,6 +118,9 @@ HEADERS = Table(
     }
 )
 ADMIN = Table({"host": v.text, "port": v.port})
+REDIS = Table(
+    {"url": v.redis_url, "timeout": v.positive_duration, "on_store_error": v.store_error_choice}
+)
 SERVER = Table(
     {
         "host": v.text,
@@ -133,6 +137,8 @@ SERVER = Table(
         "ws_idle_timeout": v.duration,
         "admin": ADMIN,
         "headers": HEADERS,
+        "redis": REDIS,
+        "rate_limit_max_keys": v.positive_count,
     }
 )
 HEALTH = Table(
@@ -224,6 +230,8 @@ ROUTE = Table(
         "max_body_size": v.size,
         "body_transform": v.import_ref,
         "body_transform_limit": v.positive_size,
+        "rate_limit": v.rate_limits,
+        "max_inflight": v.positive_count,
     }
 )
 FILE = Table({"server": SERVER, "upstreams": Named(GROUP), "routes": Named(ROUTE)})
@@ -485,6 +493,7 @@ def _server(b: _Builder) -> ServerSettings:
         admin=admin,
         headers=HeaderRules(**b.fields(("server", "headers"), HEADERS)),
         demo=bool(demo and demo.raw),
+        redis=_optional(b, ("server", "redis"), REDIS, RedisSettings),
     )
 
 
@@ -683,6 +692,14 @@ def load_config(sources: ConfigSources) -> Config:
             f"{file_name}: no routes: define [routes.NAME] or [upstreams.default], "
             "or give --upstream URL"
         )
+    for route in routes:
+        limits = b.get(("routes", route.name, "rate_limit"))
+        for index, spec in enumerate(route.rate_limit):
+            if limits is not None and spec.store == "redis" and server.redis is None:
+                problems.add(
+                    f"{limits.where(f'[{index}].store')}: "
+                    '"redis" needs [server] redis = { url = "redis://..." }'
+                )
     seen: dict[tuple[object, ...], str] = {}
     for route in routes:
         first = seen.setdefault(_match_key(route), route.name)

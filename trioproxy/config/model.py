@@ -10,13 +10,14 @@ The shape::
     Config
     ├─ server: ServerSettings        [server]
     │    ├─ admin: AdminSettings | None
-    │    └─ headers: HeaderRules     applied on every route
+    │    ├─ headers: HeaderRules     applied on every route
+    │    └─ redis: RedisSettings | None   the shared store of rate limits
     ├─ upstreams: {name: UpstreamGroup}   [upstreams.NAME]
     │    servers (TargetSpec), strategy, health, passive, breaker, retry,
     │    pool, timeouts, tls, preserve_host
     └─ routes: (RouteSettings, ...)  [routes.NAME], in file order
          match, rewrite, headers, cors, respond, timeouts, max_body_size,
-         body_transform
+         body_transform, rate_limit (RateLimitSpec), max_inflight
 
 Values are checked where they are loaded (``trioproxy.config.load``, with the
 checks of ``trioproxy.config.values``), so that an error can name its source
@@ -65,6 +66,32 @@ class HeaderRules:
 
 
 @attrs.frozen(kw_only=True)
+class RedisSettings:
+    """``[server] redis``: the shared store of rate limits."""
+
+    url: str = "redis://127.0.0.1:6379/0"
+    #: Longer than this and the store counts as failed for that request.
+    timeout: float = 0.05
+    #: ``"allow"`` or ``"deny"`` (503) a request whose limit the store could not check.
+    on_store_error: str = "allow"
+
+
+@attrs.frozen(kw_only=True)
+class RateLimitSpec:
+    """One entry of a route's ``rate_limit``: ``average`` requests per ``period`` per
+    key, up to ``burst`` at once (default: ``average``)."""
+
+    average: int
+    period: float = 1.0
+    #: None: ``average`` (a whole period's quota may come at once).
+    burst: int | None = None
+    #: ``ip``, ``route``, ``api_key`` or ``header:NAME`` (name lower-case).
+    key: str = "ip"
+    #: ``memory`` (this process) or ``redis`` (shared by every instance).
+    store: str = "memory"
+
+
+@attrs.frozen(kw_only=True)
 class ServerSettings:
     """``[server]``: the listener and what applies to every route."""
 
@@ -87,6 +114,11 @@ class ServerSettings:
     headers: HeaderRules = HeaderRules()
     #: Start the two built-in demo upstreams (command line only).
     demo: bool = False
+    #: ``redis = { url, timeout, on_store_error }``: the store of ``store = "redis"``
+    #: rate limits; None: no route may use one.
+    redis: RedisSettings | None = None
+    #: Most keys the memory store of rate limits holds (least recently used go first).
+    rate_limit_max_keys: int = 100_000
 
 
 @attrs.frozen(kw_only=True)
@@ -218,6 +250,11 @@ class RouteSettings:
     #: ``"package.module:function"``; see ``trioproxy.http.transforms``.
     body_transform: str | None = None
     body_transform_limit: int = 1 << 20
+    #: ``rate_limit = [{ average, period, burst, key, store }, ...]``: every one must
+    #: admit a request (see ``trioproxy.edge.ratelimit``).
+    rate_limit: tuple[RateLimitSpec, ...] = ()
+    #: Most requests (and WebSocket tunnels) open at once on this route; None: no cap.
+    max_inflight: int | None = None
 
 
 @attrs.frozen(kw_only=True)

@@ -24,6 +24,7 @@ from trioproxy.balance.health_rules import StatusRanges
 from trioproxy.balance.strategies import make_strategy
 from trioproxy.balance.target import TargetSpec
 from trioproxy.config.errors import ConfigError
+from trioproxy.config.model import RateLimitSpec
 from trioproxy.http.parsers import httptools_available
 from trioproxy.upstream.origin import BadUpstreamURL, UpstreamURL
 
@@ -535,3 +536,72 @@ def server_list_text(value: str) -> list[str]:
         else:
             items.append(word)
     return items
+
+
+# --- rate limits (trioproxy.edge) ---------------------------------------------------
+
+RATE_LIMIT_KEYS = ("ip", "route", "api_key", "header:NAME")
+RATE_LIMIT_STORES = ("memory", "redis")
+STORE_ERROR_CHOICES = ("allow", "deny")
+
+store_error_choice = choice(STORE_ERROR_CHOICES)
+
+
+def rate_limit_key(value: object) -> str:
+    """``ip``, ``route``, ``api_key`` or ``header:NAME`` (NAME lower-cased)."""
+    if isinstance(value, str):
+        word = value.strip()
+        if word in ("ip", "route", "api_key"):
+            return word
+        kind, sep, name = word.partition(":")
+        if kind == "header" and sep and _TOKEN.fullmatch(name):
+            return f"header:{name.lower()}"
+    raise Invalid(f"must be one of {', '.join(RATE_LIMIT_KEYS)}; got {show(value)}")
+
+
+_RATE_LIMIT_CHECKS: dict[str, Convert] = {
+    "average": positive_count,
+    "period": positive_duration,
+    "burst": positive_count,
+    "key": rate_limit_key,
+    "store": choice(RATE_LIMIT_STORES),
+}
+
+
+def rate_limit(value: object) -> RateLimitSpec:
+    """One entry of ``rate_limit``: ``{ average = N, period = "1m", burst = N,
+    key = "ip", store = "memory" }`` (``average`` required)."""
+    table = _table(value)
+    problems: list[tuple[str, str]] = []
+    for key in table:
+        if key not in _RATE_LIMIT_CHECKS:
+            problems.append(
+                (f".{_key(key)}", "unknown key" + did_you_mean(key, list(_RATE_LIMIT_CHECKS)))
+            )
+    fields: dict[str, Any] = {}
+    for key, check in _RATE_LIMIT_CHECKS.items():
+        if key in table:
+            try:
+                fields[key] = check(table[key])
+            except Invalid as exc:
+                problems.extend((f".{key}", reason) for _, reason in exc.problems)
+    if "average" not in table:
+        problems.append(("", 'needs "average", the requests allowed per period'))
+    if problems:
+        raise Invalid.many(problems)
+    return RateLimitSpec(**fields)
+
+
+def rate_limits(value: object) -> tuple[RateLimitSpec, ...]:
+    """``rate_limit = [{...}, ...]`` (or one table)."""
+    if isinstance(value, dict):
+        value = [value]
+    return _each(value, rate_limit)
+
+
+def redis_url(value: object) -> str:
+    """``redis://[user:password@]host[:port][/db]`` (or ``rediss://`` for TLS)."""
+    result = text(value)
+    if not re.fullmatch(r"rediss?://[^\s/]+(/\d*)?", result.strip()):
+        raise Invalid(f'must be like "redis://127.0.0.1:6379/0", got {show(value)}')
+    return result.strip()

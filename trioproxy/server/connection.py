@@ -26,6 +26,7 @@ from collections.abc import Callable
 import trio
 
 from trioproxy.config.model import ServerSettings
+from trioproxy.edge.limits import RouteLimits
 from trioproxy.engine import Engine, ExchangeLog
 from trioproxy.errors import (
     BodyTooLarge,
@@ -243,6 +244,8 @@ class ClientConnection:
         self._body_received = 0
         record = ExchangeLog()
         started = time.perf_counter()
+        # The route's limits once they admitted this request (released at its end).
+        admitted: RouteLimits | None = None
         try:
             snapshot = self.state.engine.snapshot
             route = (
@@ -255,6 +258,15 @@ class ClientConnection:
             record.route = route.name
             self._body_limit = route.max_body_size
             self._check_declared_length(head)
+            if route.limits is not None:
+                # Before any upstream is picked: a refused request reaches none.
+                try:
+                    await route.limits.admit(head.headers, self.client_addr, trio.current_time())
+                except ProxyError:
+                    if not self.request_has_body():
+                        await self.receive_body()  # its end: the connection stays usable
+                    raise
+                admitted = route.limits
             group = route.group
             if group is None or route.cors is not None:
                 record.request_id = request_id_from(head.headers) or new_request_id()
@@ -299,6 +311,9 @@ class ClientConnection:
             await self._answer_error(exc, close=close, request_id=record.request_id)
             # The client may have asked to close (Connection: close, HTTP/1.0).
             return not close and self.protocol.reusable
+        finally:
+            if admitted is not None:
+                admitted.leave()
         self._access(head, record, started, "")
         if not self.protocol.peer_done:
             # The upstream answered before the request body ended.

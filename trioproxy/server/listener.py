@@ -29,6 +29,7 @@ import trio
 from trioproxy.admin import AdminApp, serve_admin
 from trioproxy.config.errors import ConfigError
 from trioproxy.config.model import Config
+from trioproxy.edge.limits import EdgeService
 from trioproxy.engine import Engine
 from trioproxy.server.connection import ClientConnection, ServerState
 from trioproxy.snapshot import build_snapshot
@@ -61,6 +62,8 @@ class ProxyServer:
         self._reloading = trio.Lock()
         server = config.server
         self.engine = Engine()
+        #: Runs the Redis store of rate limits, if the config has one.
+        self.edge = EdgeService()
         #: Made live now (not in ``run``), so that a bad value is found before binding.
         self.snapshot = build_snapshot(config)
         self.state = ServerState(self.engine)
@@ -107,6 +110,8 @@ class ProxyServer:
                 # connection handler; the first round of probes ends before the
                 # first accept.
                 await root.start(self.engine.run)
+                await root.start(self.edge.run)
+                await self.edge.activate(self.snapshot.edge)
                 await self.engine.activate(self.snapshot)
                 if self._watch and self._load is not None:
                     root.start_soon(self._watch_files)
@@ -215,6 +220,7 @@ class ProxyServer:
                     old.port,
                 )
             self.state.configure(new)
+            await self.edge.activate(snapshot.edge)
             await engine.activate(snapshot)
             self.config = config
             engine.config_error = None
