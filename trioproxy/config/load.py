@@ -55,6 +55,7 @@ from trioproxy.config import values as v
 from trioproxy.config.errors import ConfigError
 from trioproxy.config.model import (
     AdminSettings,
+    AuthSpec,
     Config,
     CorsSpec,
     HeaderRules,
@@ -133,6 +134,8 @@ SERVER = Table(
         "ws_idle_timeout": v.duration,
         "admin": ADMIN,
         "headers": HEADERS,
+        "trusted_proxies": v.cidrs,
+        "forwarded": v.forwarded_mode,
     }
 )
 HEALTH = Table(
@@ -211,6 +214,14 @@ CORS = Table(
     }
 )
 RESPOND = Table({"status": v.status, "body": v.any_text, "content_type": v.text})
+AUTH = Table(
+    {
+        "api_keys_file": v.text,
+        "api_keys_env": v.text,
+        "header": v.header_name,
+        "forward_key": v.boolean,
+    }
+)
 ROUTE = Table(
     {
         "upstream": v.text,
@@ -224,6 +235,9 @@ ROUTE = Table(
         "max_body_size": v.size,
         "body_transform": v.import_ref,
         "body_transform_limit": v.positive_size,
+        "allow": v.cidrs,
+        "deny": v.cidrs,
+        "auth": AUTH,
     }
 )
 FILE = Table({"server": SERVER, "upstreams": Named(GROUP), "routes": Named(ROUTE)})
@@ -429,11 +443,17 @@ class _Builder:
     """Reads the merged layers by key path and converts, keeping every problem."""
 
     def __init__(
-        self, merged: Mapping[Path_, Value], every_group: Mapping[Path_, Value], problems: _Problems
+        self,
+        merged: Mapping[Path_, Value],
+        every_group: Mapping[Path_, Value],
+        problems: _Problems,
+        environ: Mapping[str, str | None] | None = None,
     ) -> None:
         self.merged = merged
         self.every_group = every_group
         self.problems = problems
+        #: .env under the environment, for values the config names (``api_keys_env``).
+        self.environ = environ or {}
 
     def get(self, path: Path_) -> Value | None:
         if len(path) > 2 and path[0] == "upstreams" and path[2:] in self.every_group:
@@ -578,6 +598,7 @@ def _route(b: _Builder, name: str, groups: Sequence[str]) -> RouteSettings:
     return RouteSettings(
         name=name,
         **fields,
+        auth=_auth(b, (*path, "auth")),
         respond=respond,
         rewrite=rewrite,
         cors=cors,
@@ -585,6 +606,51 @@ def _route(b: _Builder, name: str, groups: Sequence[str]) -> RouteSettings:
         headers=HeaderRules(**b.fields((*path, "headers"), HEADERS)),
         timeouts=RouteTimeouts(**b.fields((*path, "timeouts"), TIMEOUTS)),
     )
+
+
+def _auth(b: _Builder, path: Path_) -> AuthSpec | None:
+    """``auth = {...}``, its keys read now (so a reload reads them again)."""
+    if b.get(path) is None:
+        return None
+    fields = b.fields(path, AUTH)
+    sources = [key for key in ("api_keys_file", "api_keys_env") if b.get((*path, key))]
+    if len(sources) != 1:
+        b.fail(path, 'needs exactly one of "api_keys_file" and "api_keys_env"')
+        return AuthSpec(**fields)
+    keys: list[str] = []
+    if "api_keys_file" in fields:
+        name = _readable_file(b, (*path, "api_keys_file"))
+        if name is None:
+            return AuthSpec(**fields)
+        try:
+            with open(name, encoding="utf-8") as stream:
+                lines = stream.read().splitlines()
+        except (OSError, UnicodeDecodeError) as exc:
+            b.fail(
+                (*path, "api_keys_file"), f"cannot read {v.show(fields['api_keys_file'])}: {exc}"
+            )
+            return AuthSpec(**fields)
+        # One key per line; blank lines and "#" comments are skipped.
+        keys = [
+            line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")
+        ]
+        where = f"{v.show(fields['api_keys_file'])} holds"
+    elif "api_keys_env" in fields:
+        variable = fields["api_keys_env"]
+        raw = b.environ.get(variable)
+        if not raw:
+            b.fail((*path, "api_keys_env"), f"environment variable {v.show(variable)} is not set")
+            return AuthSpec(**fields)
+        keys = [part.strip() for part in raw.split(",") if part.strip()]
+        where = f"environment variable {v.show(variable)} holds"
+    else:
+        return AuthSpec(**fields)
+    if not keys:
+        b.fail(path, f"{where} no key")
+    elif any(not key.isprintable() or " " in key or not key.isascii() for key in keys):
+        # (the key itself is not shown: it may be a secret)
+        b.fail(path, f"{where} a key with spaces, control or non-ASCII characters")
+    return AuthSpec(**fields, keys=tuple(keys))
 
 
 def _match_key(route: RouteSettings) -> tuple[object, ...]:
@@ -664,7 +730,7 @@ def load_config(sources: ConfigSources) -> Config:
             "give the servers in an [upstreams.NAME] table there"
         )
 
-    b = _Builder(merged, every_group, problems)
+    b = _Builder(merged, every_group, problems, environ)
     server = _server(b)
     group_names = _names(merged, "upstreams")
     if DEFAULT not in group_names and (servers is not None or demo):

@@ -25,6 +25,7 @@ and key path; the classes here hold what passed.
 
 from __future__ import annotations
 
+import ipaddress
 from collections.abc import Mapping
 
 import attrs
@@ -87,6 +88,10 @@ class ServerSettings:
     headers: HeaderRules = HeaderRules()
     #: Start the two built-in demo upstreams (command line only).
     demo: bool = False
+    #: Peers whose X-Forwarded-For is believed (see ``trioproxy.edge.identity``).
+    trusted_proxies: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
+    #: ``x-forwarded``, ``rfc7239`` or ``both``: which forwarding fields go upstream.
+    forwarded: str = "x-forwarded"
 
 
 @attrs.frozen(kw_only=True)
@@ -200,6 +205,21 @@ class RespondSpec:
 
 
 @attrs.frozen(kw_only=True)
+class AuthSpec:
+    """``auth = {...}``: API keys a route requires (see ``trioproxy.edge.access``)."""
+
+    #: Where the keys came from: a file (one key per line) or an environment
+    #: variable (keys separated by commas); the loader reads them into ``keys``.
+    api_keys_file: str | None = None
+    api_keys_env: str | None = None
+    #: The request field that carries the key (lower-case); None: Authorization: Bearer.
+    header: str | None = None
+    forward_key: bool = False
+    #: The keys themselves, as read when the config was loaded (never shown).
+    keys: tuple[str, ...] = attrs.field(default=(), repr=False)
+
+
+@attrs.frozen(kw_only=True)
 class RouteSettings:
     """``[routes.NAME]``: exactly one of ``upstream`` and ``respond``."""
 
@@ -218,6 +238,10 @@ class RouteSettings:
     #: ``"package.module:function"``; see ``trioproxy.http.transforms``.
     body_transform: str | None = None
     body_transform_limit: int = 1 << 20
+    #: Client networks allowed (empty: all) and denied (``trioproxy.edge.access``).
+    allow: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
+    deny: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
+    auth: AuthSpec | None = None
 
 
 @attrs.frozen(kw_only=True)

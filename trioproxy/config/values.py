@@ -14,6 +14,7 @@ with a binary multiple (``"64k"``, ``"10m"``, ``"1g"``; ``"64KiB"`` too).
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import math
 import re
@@ -24,6 +25,7 @@ from trioproxy.balance.health_rules import StatusRanges
 from trioproxy.balance.strategies import make_strategy
 from trioproxy.balance.target import TargetSpec
 from trioproxy.config.errors import ConfigError
+from trioproxy.edge.identity import FORWARDED_MODES
 from trioproxy.http.parsers import httptools_available
 from trioproxy.upstream.origin import BadUpstreamURL, UpstreamURL
 
@@ -535,3 +537,27 @@ def server_list_text(value: str) -> list[str]:
         else:
             items.append(word)
     return items
+
+
+# --- networks (trusted_proxies, allow, deny) ---------------------------------------
+
+
+def cidr(value: object) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
+    """A network, ``"10.0.0.0/8"`` or ``"2001:db8::/32"``; a bare address is a /32 (/128).
+    Host bits must be zero (``"10.0.0.1/8"`` is refused: it likely means something else)."""
+    if isinstance(value, str):
+        try:
+            return ipaddress.ip_network(value.strip())
+        except ValueError:
+            pass
+    raise Invalid(f'must be an IP network like "10.0.0.0/8" or "2001:db8::/32", got {show(value)}')
+
+
+def cidrs(value: object) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+    """A list of networks; from the environment, separated by commas or white space."""
+    if isinstance(value, str):
+        value = [part for part in _LIST_SPLIT.split(value.strip()) if part]
+    return _each(value, cidr)
+
+
+forwarded_mode = choice(FORWARDED_MODES)

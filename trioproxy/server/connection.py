@@ -26,6 +26,7 @@ from collections.abc import Callable
 import trio
 
 from trioproxy.config.model import ServerSettings
+from trioproxy.edge.gate import admit
 from trioproxy.engine import Engine, ExchangeLog
 from trioproxy.errors import (
     BodyTooLarge,
@@ -253,13 +254,25 @@ class ClientConnection:
             if route is None:
                 raise NoRoute(head.target.split(b"?", 1)[0].decode("latin-1"))
             record.route = route.name
+            assert snapshot is not None
+            head = admit(
+                head,
+                route,
+                snapshot.identity,
+                peer=self.client_addr,
+                scheme=self.scheme,
+                record=record,
+            )
             self._body_limit = route.max_body_size
             self._check_declared_length(head)
             group = route.group
             if group is None or route.cors is not None:
                 record.request_id = request_id_from(head.headers) or new_request_id()
                 answer = local_answer(
-                    head, route, client_addr=self.client_addr, request_id=record.request_id
+                    head,
+                    route,
+                    client_addr=record.client_ip or self.client_addr,
+                    request_id=record.request_id,
                 )
                 if answer is not None:
                     return await self._answer_locally(head, answer, record, started)
@@ -485,7 +498,9 @@ class ClientConnection:
             pass
 
     def _access(self, head: RequestHead, record: ExchangeLog, started: float, note: str) -> None:
-        log_exchange(self.client_addr, head, record, time.perf_counter() - started, note)
+        log_exchange(
+            record.client_ip or self.client_addr, head, record, time.perf_counter() - started, note
+        )
 
 
 def _peer_host(stream: trio.abc.Stream) -> str:
