@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import os
 import re
+import ssl
 import tomllib
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -68,6 +69,8 @@ from trioproxy.config.model import (
     RouteSettings,
     RouteTimeouts,
     ServerSettings,
+    ServerTLS,
+    SniCertificate,
     Timeouts,
     UpstreamGroup,
     UpstreamTLS,
@@ -118,6 +121,9 @@ HEADERS = Table(
     }
 )
 ADMIN = Table({"host": v.text, "port": v.port})
+SERVER_TLS = Table(
+    {"cert": v.text, "key": v.text, "sni": v.sni_entries, "redirect_http": v.redirect_http}
+)
 SERVER = Table(
     {
         "host": v.text,
@@ -136,6 +142,7 @@ SERVER = Table(
         "headers": HEADERS,
         "trusted_proxies": v.cidrs,
         "forwarded": v.forwarded_mode,
+        "tls": SERVER_TLS,
     }
 )
 HEALTH = Table(
@@ -169,7 +176,7 @@ POOL = Table(
     }
 )
 TIMEOUTS = Table({"connect": v.positive_duration, "read": v.positive_duration})
-TLS = Table({"verify": v.boolean, "ca": v.text})
+TLS = Table({"verify": v.boolean, "ca": v.text, "cert": v.text, "key": v.text})
 GROUP = Table(
     {
         "servers": v.servers,
@@ -505,7 +512,63 @@ def _server(b: _Builder) -> ServerSettings:
         admin=admin,
         headers=HeaderRules(**b.fields(("server", "headers"), HEADERS)),
         demo=bool(demo and demo.raw),
+        tls=_server_tls(b),
     )
+
+
+def _file_at(value: Value, name: str, at: str, b: _Builder) -> str | None:
+    """``name`` (given in ``value``, at ``at`` below its path) resolved against its
+    source's directory; None, with the problem noted, if it cannot be read."""
+    full = value.base / os.path.expanduser(name)
+    try:
+        with open(full, "rb"):
+            pass
+    except OSError as exc:
+        b.problems.add(f"{value.where(at)}: cannot read {v.show(name)}: {exc.strerror or exc}")
+        return None
+    return str(full)
+
+
+def _server_tls(b: _Builder) -> ServerTLS | None:
+    """``[server] tls`` (or ``--certfile``/``--keyfile``), its files read and each
+    certificate checked against its key, so that ``--check-config`` finds a bad one."""
+    from trioproxy.edge.tls import CertificateError, server_context
+
+    path = ("server", "tls")
+    given = [b.get(p) for p in (path, (*path, "cert"), (*path, "key"))]
+    anchor = next((value for value in given if value is not None), None)
+    if anchor is None:
+        return None
+    fields = b.fields(path, SERVER_TLS)
+    if b.get((*path, "cert")) is None or b.get((*path, "key")) is None:
+        b.fail(path, 'needs both "cert" and "key" (--certfile and --keyfile)', anchor)
+        return None
+    cert = _readable_file(b, (*path, "cert"))
+    key = _readable_file(b, (*path, "key"))
+    sni: list[SniCertificate] = []
+    sni_value = b.get((*path, "sni"))
+    for index, entry in enumerate(fields.get("sni", ())):
+        assert sni_value is not None
+        entry_cert = _file_at(sni_value, entry.cert, f"[{index}].cert", b)
+        entry_key = _file_at(sni_value, entry.key, f"[{index}].key", b)
+        if entry_cert is None or entry_key is None:
+            continue
+        try:
+            server_context(entry_cert, entry_key)
+        except CertificateError as exc:
+            b.problems.add(f"{sni_value.where(f'[{index}].cert')}: {v.show(entry.cert)}: {exc}")
+            continue
+        sni.append(attrs.evolve(entry, cert=entry_cert, key=entry_key))
+    if cert is None or key is None:
+        return None
+    try:
+        server_context(cert, key)
+    except CertificateError as exc:
+        name = b.get((*path, "cert"))
+        assert name is not None
+        b.fail((*path, "cert"), f"{v.show(name.raw)}: {exc}")
+        return None
+    return ServerTLS(cert=cert, key=key, sni=tuple(sni), redirect_http=fields.get("redirect_http"))
 
 
 def _health(b: _Builder, path: Path_) -> HealthSettings:
@@ -551,6 +614,20 @@ def _group(b: _Builder, name: str, demo: bool) -> UpstreamGroup:
     tls = b.fields((*path, "tls"), TLS)
     if b.get((*path, "tls", "ca")) is not None:
         tls["ca"] = _readable_file(b, (*path, "tls", "ca"))
+    for part in ("cert", "key"):
+        if b.get((*path, "tls", part)) is not None:
+            tls[part] = _readable_file(b, (*path, "tls", part))
+    given = [part for part in ("cert", "key") if b.get((*path, "tls", part)) is not None]
+    if len(given) == 1:
+        b.fail((*path, "tls", given[0]), 'a client certificate needs both "cert" and "key"')
+    elif tls.get("cert") and tls.get("key"):
+        from trioproxy.edge.tls import CertificateError, load_pair
+
+        try:
+            load_pair(ssl.create_default_context(), tls["cert"], tls["key"])
+        except CertificateError as exc:
+            shown = v.show(b.get((*path, "tls", "cert")).raw)  # type: ignore[union-attr]
+            b.fail((*path, "tls", "cert"), f"{shown}: {exc}")
     return UpstreamGroup(
         name=name,
         servers=fields.pop("servers", ()),

@@ -66,6 +66,35 @@ class HeaderRules:
 
 
 @attrs.frozen(kw_only=True)
+class SniCertificate:
+    """``[[server.tls.sni]]``: a certificate for the names a client may ask for."""
+
+    #: Exact names or ``*.`` wildcards, lower-case.
+    hosts: tuple[str, ...]
+    cert: str
+    key: str
+
+
+@attrs.frozen(kw_only=True)
+class RedirectHTTP:
+    """``tls.redirect_http``: where the plain listener that answers 308 listens."""
+
+    #: None: the server's own ``host``.
+    host: str | None = None
+    port: int = 80
+
+
+@attrs.frozen(kw_only=True)
+class ServerTLS:
+    """``[server] tls``: TLS termination (see ``trioproxy.edge.tls``). Paths resolved."""
+
+    cert: str
+    key: str
+    sni: tuple[SniCertificate, ...] = ()
+    redirect_http: RedirectHTTP | None = None
+
+
+@attrs.frozen(kw_only=True)
 class ServerSettings:
     """``[server]``: the listener and what applies to every route."""
 
@@ -92,6 +121,8 @@ class ServerSettings:
     trusted_proxies: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
     #: ``x-forwarded``, ``rfc7239`` or ``both``: which forwarding fields go upstream.
     forwarded: str = "x-forwarded"
+    #: TLS termination; None: plain HTTP.
+    tls: ServerTLS | None = None
 
 
 @attrs.frozen(kw_only=True)
@@ -139,6 +170,9 @@ class UpstreamTLS:
     verify: bool = True
     #: CA bundle (PEM) to verify with instead of the system's.
     ca: str | None = None
+    #: A client certificate chain and key (PEM) for upstreams that ask for one (mTLS).
+    cert: str | None = None
+    key: str | None = None
 
 
 @attrs.frozen(kw_only=True)

@@ -112,8 +112,13 @@ class ServerState:
 
 
 class ClientConnection:
-    def __init__(self, stream: trio.abc.Stream, state: ServerState) -> None:
+    def __init__(
+        self, stream: trio.abc.Stream, state: ServerState, *, head_deadline: float | None = None
+    ) -> None:
+        """``head_deadline``: when the first request head must be complete, if the header
+        timeout began before this object (a TLS handshake counts against it)."""
         self.stream = stream
+        self._head_deadline = head_deadline
         self.state = state
         self.protocol: ServerProtocol = state.protocol_factory(state.max_header_size)
         self.client_addr = _peer_host(stream)
@@ -197,6 +202,8 @@ class ClientConnection:
                             waiting.deadline = trio.current_time() + (
                                 state.keepalive_timeout if idle else state.header_timeout
                             )
+                            if first and self._head_deadline is not None:
+                                waiting.deadline = self._head_deadline
                         data = await self._receive()
                     if data and not in_head:
                         in_head = self._in_head = True
