@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import signal
 import ssl
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -392,3 +394,26 @@ async def test_upstream_client_certificate(
         accepted = await http_client.get(proxy.url + "/")
     assert refused.status_code == 502
     assert (accepted.status_code, accepted.text) == (200, "ok")
+
+
+def test_the_edge_example_passes_check_config(ca: trustme.CA, tmp_path: Path) -> None:
+    """``examples/edge/trioproxy.toml`` with the files it names (made here: no
+    certificate or key lives in the repository), through the real CLI."""
+    example = Path(__file__).resolve().parents[2] / "examples" / "edge" / "trioproxy.toml"
+    config = tmp_path / "trioproxy.toml"
+    config.write_text(example.read_text())
+    write_pair(ca.issue_cert("www.example.com"), tmp_path, "site")
+    write_pair(ca.issue_cert("api.example.com", "*.api.example.com"), tmp_path, "api")
+    (tmp_path / "keys.txt").write_text("# team A\nsk-example-1\n")
+    command = [sys.executable, "-m", "trioproxy", "--check-config", "--config", str(config)]
+    result = subprocess.run(command, capture_output=True, text=True, check=False, timeout=20)
+    assert (result.returncode, result.stderr) == (0, "")
+    assert result.stdout == "config OK: 2 routes, 2 upstream groups, 2 servers\n"
+    # Without the keys file it says which file, where, and why.
+    (tmp_path / "keys.txt").unlink()
+    result = subprocess.run(command, capture_output=True, text=True, check=False, timeout=20)
+    assert result.returncode == 2
+    assert result.stderr == (
+        f'{config}: routes.llm.auth.api_keys_file: cannot read "keys.txt": '
+        "No such file or directory\n"
+    )
