@@ -17,6 +17,7 @@ from pathlib import Path
 import httpx
 import pytest
 import trio
+import trio_websocket
 from e2e.conftest import CannedUpstream
 from fixtures import run_proxy
 
@@ -218,3 +219,30 @@ async def test_keys_reload_on_sighup(
         with trio.fail_after(10):
             await proxy.wait_for_stderr("config reloaded")
         assert (await passes("old-key-1"), await passes("new-key-2")) == (False, True)
+
+
+async def test_websocket_upgrades_pass_the_same_gate(tmp_path: Path, upstream: str) -> None:
+    (tmp_path / "keys.txt").write_text("ws-key-123\n")
+    config = write_config(
+        tmp_path,
+        f"""\
+        [upstreams.default]
+        servers = ["{upstream}"]
+        [routes.ws]
+        upstream = "default"
+        auth = {{ api_keys_file = "keys.txt", header = "x-api-key" }}
+        """,
+    )
+    async with run_proxy("--config", config) as proxy:
+        url = f"ws://127.0.0.1:{proxy.port}/ws"
+        with pytest.raises(trio_websocket.HandshakeError) as refused:
+            async with trio_websocket.open_websocket_url(url):
+                pass
+        assert isinstance(refused.value, trio_websocket.ConnectionRejected)
+        assert refused.value.status_code == 401
+        headers = [("x-api-key", "ws-key-123")]
+        async with trio_websocket.open_websocket_url(url, extra_headers=headers) as ws:
+            await ws.send_message("through")
+            assert await ws.get_message() == "through"
+        log = await proxy.settled_stderr()
+    assert "ws-key-123" not in log

@@ -417,3 +417,26 @@ def test_the_edge_example_passes_check_config(ca: trustme.CA, tmp_path: Path) ->
         f'{config}: routes.llm.auth.api_keys_file: cannot read "keys.txt": '
         "No such file or directory\n"
     )
+
+
+async def test_the_handshake_and_the_first_head_share_one_header_timeout(
+    ca: trustme.CA, site_pair: tuple[str, str], upstream: str
+) -> None:
+    """A client that takes 1.5 s to start its handshake, then sends half a head, is cut
+    (with 408) 2 s after it connected, not 2 s after its handshake."""
+    certfile, keyfile = site_pair
+    args = ["--upstream", upstream, "--certfile", certfile, "--keyfile", keyfile]
+    async with run_proxy(*args, "--header-timeout", "2") as proxy:
+        tcp = await trio.open_tcp_stream("127.0.0.1", proxy.port)
+        connected = trio.current_time()
+        await trio.sleep(1.5)
+        stream = trio.SSLStream(tcp, client_context(ca), server_hostname="127.0.0.1")
+        await stream.do_handshake()
+        await stream.send_all(b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\n")
+        with trio.fail_after(10):
+            received = await stream.receive_some(65536)
+        # (the connection then lingers for the rest of a request, as any after a 408)
+        elapsed = trio.current_time() - connected
+        await trio.aclose_forcefully(stream)
+    assert received.startswith(b"HTTP/1.1 408 "), received
+    assert 1.8 <= elapsed < 3.0, elapsed
