@@ -16,6 +16,8 @@ throwaway trustme CA, written to the test's temporary directory.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import signal
 import ssl
 import subprocess
@@ -440,3 +442,56 @@ async def test_the_handshake_and_the_first_head_share_one_header_timeout(
         await trio.aclose_forcefully(stream)
     assert received.startswith(b"HTTP/1.1 408 "), received
     assert 1.8 <= elapsed < 3.0, elapsed
+
+
+async def test_large_bodies_both_ways_over_tls_with_a_slow_reader(
+    ca: trustme.CA, site_pair: tuple[str, str], upstream: str
+) -> None:
+    """8 MiB down (read slowly, so the proxy's TLS writes must wait for the socket) and
+    8 MiB up, byte for byte, then a request on the same connection."""
+    certfile, keyfile = site_pair
+    args = ["--upstream", upstream, "--certfile", certfile, "--keyfile", keyfile]
+    size = 8 << 20
+    async with run_proxy(*args) as proxy:
+        stream = await tls_connect(proxy.port, ca)
+        await stream.send_all(f"GET /bytes/{size} HTTP/1.1\r\nHost: a\r\n\r\n".encode())
+        received = bytearray()
+        with trio.fail_after(30):
+            while (
+                b"\r\n\r\n" not in received
+                or len(received) - received.index(b"\r\n\r\n") - 4 < size
+            ):
+                chunk = await stream.receive_some(16384)
+                assert chunk
+                received += chunk
+                if len(received) < (1 << 20):
+                    await trio.sleep(0.001)  # a slow start: the proxy's buffers fill
+        head, _, body = bytes(received).partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200")
+        assert body == upstream_app.pattern_bytes(size)
+        payload = bytes(range(256)) * (size // 256)
+        await stream.send_all(
+            b"POST /upload HTTP/1.1\r\nHost: a\r\nContent-Length: %d\r\n\r\n" % len(payload)
+            + payload
+        )
+        answer = await get_on_answer(stream)
+        assert json.loads(answer.partition(b"\r\n\r\n")[2]) == {
+            "len": len(payload),
+            "sha256": hashlib.sha256(payload).hexdigest(),
+        }
+        assert (await get_on(stream, "/")).startswith(b"HTTP/1.1 200")
+        await stream.aclose()
+
+
+async def get_on_answer(stream: trio.abc.Stream) -> bytes:
+    """The next response on ``stream`` (a Content-Length body)."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = await stream.receive_some(65536)
+        assert chunk, data
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+    while len(body) < length:
+        body += await stream.receive_some(65536)
+    return head + b"\r\n\r\n" + body

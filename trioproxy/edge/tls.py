@@ -43,6 +43,8 @@ import attrs
 import trio
 
 from trioproxy.config.model import ServerTLS
+from trioproxy.edge.tls_stream import FastTLSStream
+from trioproxy.sockets import FastSocketStream
 
 log = logging.getLogger("trioproxy.tls")
 
@@ -69,6 +71,9 @@ def server_context(cert: str, key: str) -> ssl.SSLContext:
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     context.set_alpn_protocols(["http/1.1"])
+    # TLS 1.2 renegotiation would make a read write and a write read (FastTLSStream
+    # keeps the two directions apart); TLS 1.3 has none.
+    context.options |= ssl.OP_NO_RENEGOTIATION
     load_pair(context, cert, key)
     return context
 
@@ -164,13 +169,22 @@ class TLSTerminator:
 
 async def handshake(
     stream: trio.abc.Stream, context: ssl.SSLContext, *, deadline: float, peer: str
-) -> trio.SSLStream[trio.abc.Stream] | None:
+) -> trio.abc.Stream | None:
     """``stream`` wrapped in TLS once the handshake is done, or None (logged at debug,
     one line) when it failed or did not finish by ``deadline``.
 
-    Resource handling: the caller keeps owning ``stream`` (and closes it on None).
+    A plain TCP stream (``FastSocketStream``) becomes a :class:`FastTLSStream` (its
+    socket taken over); any other stream is wrapped in ``trio.SSLStream``.
+
+    Resource handling: the caller keeps owning ``stream`` and closes it; on None the
+    TLS wrapper is closed here, otherwise the caller closes the stream returned.
     """
-    tls_stream = trio.SSLStream(stream, context, server_side=True)
+    tls_stream: FastTLSStream | trio.SSLStream[trio.abc.Stream]
+    if type(stream) is FastSocketStream:
+        tls_stream = FastTLSStream.wrap(stream.socket, context)
+    else:
+        tls_stream = trio.SSLStream(stream, context, server_side=True)
+    why: object = None
     with trio.move_on_at(deadline):
         try:
             await tls_stream.do_handshake()
@@ -179,8 +193,12 @@ async def handshake(
             why = cause.reason if isinstance(cause, ssl.SSLError) and cause.reason else cause
             if why == "HTTP_REQUEST":
                 why = "plain HTTP sent to the TLS port"
-            log.debug("TLS handshake with %s failed: %s", peer, why or "connection closed")
-            return None
-        return tls_stream
-    log.debug("TLS handshake with %s not finished within the header timeout", peer)
+            why = why or "connection closed"
+        else:
+            return tls_stream
+    if why is None:
+        log.debug("TLS handshake with %s not finished within the header timeout", peer)
+    else:
+        log.debug("TLS handshake with %s failed: %s", peer, why)
+    await trio.aclose_forcefully(tls_stream)
     return None

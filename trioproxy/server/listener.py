@@ -241,6 +241,7 @@ class ProxyServer:
             if tls_stream is None:
                 return
             connection = ClientConnection(tls_stream, self.state, head_deadline=deadline)
+            connection.client_addr = peer  # (the TLS stream does not say it)
             await connection.serve()
         except Exception:
             log.exception("connection handler failed")
