@@ -72,6 +72,7 @@ def test_forwarded_nodes_quote_ipv6_as_rfc7239_says() -> None:
     assert forwarded_node("2001:db8:cafe::17") == '"[2001:db8:cafe::17]"'
     assert forwarded_node("[2001:db8::1]") == '"[2001:db8::1]"'
     assert forwarded_node("unix-socket") == "unknown"
+    assert forwarded_node("::ffff:192.0.2.1") == "192.0.2.1"
 
 
 def test_forwarded_value_one_element_per_hop_ours_with_host_and_proto() -> None:

@@ -195,6 +195,8 @@ def forwarded_node(address: str) -> str:
     parsed = parse_address(address)
     if parsed is None:
         return "unknown"
+    if isinstance(parsed, ipaddress.IPv6Address) and parsed.ipv4_mapped is not None:
+        parsed = parsed.ipv4_mapped  # a dual-stack socket's view of an IPv4 client
     if isinstance(parsed, ipaddress.IPv6Address):
         return f'"[{parsed.compressed}]"'
     return str(parsed)
