@@ -26,6 +26,11 @@ context of the current :class:`CertificateSet`, which a reload replaces with one
 read from the files again. A connection keeps the context it shook hands with,
 so reload drops nothing; the next handshake gets the new certificates.
 
+Stream. A plain TCP connection becomes a :class:`~trioproxy.edge.tls_stream.FastTLSStream`
+(OpenSSL reading and writing the socket itself; ``trio.SSLStream`` over a memory BIO
+cost ~50 µs per request more, see ``bench/README.rst``); any other stream gets
+``trio.SSLStream``.
+
 Handshake. :func:`handshake` runs it under a deadline the caller gives — the
 header timeout, whose clock keeps running into the first request head (see
 ``ClientConnection(head_deadline=...)``) — so a client that stalls in the
