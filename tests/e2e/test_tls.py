@@ -497,3 +497,25 @@ async def get_on_answer(stream: trio.abc.Stream) -> bytes:
     while len(body) < length:
         body += await stream.receive_some(65536)
     return head + b"\r\n\r\n" + body
+
+
+async def test_a_close_delimited_body_ends_with_close_notify(
+    ca: trustme.CA, site_pair: tuple[str, str], upstream: str
+) -> None:
+    """An HTTP/1.0 client gets a body without a length, ended by the close: over TLS the
+    close is a close_notify, so the client can tell the end from a truncation."""
+    certfile, keyfile = site_pair
+    args = ["--upstream", upstream, "--certfile", certfile, "--keyfile", keyfile]
+    async with run_proxy(*args) as proxy:
+        stream = await tls_connect(proxy.port, ca)
+        await stream.send_all(b"GET /bytes/100000?chunked=1 HTTP/1.0\r\nHost: a\r\n\r\n")
+        received = bytearray()
+        with trio.fail_after(10):
+            # trio.SSLStream raises BrokenResourceError on an EOF without close_notify.
+            while chunk := await stream.receive_some(65536):
+                received += chunk
+        await stream.aclose()
+    head, _, body = bytes(received).partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.0 200") or head.startswith(b"HTTP/1.1 200"), head
+    assert b"content-length" not in head.lower()
+    assert body == upstream_app.pattern_bytes(100000)
