@@ -24,6 +24,11 @@ of a back end that runs on the load core:
     scenario's paths are requested under ``/shop``, where the measured route serves
     them (rewritten to the back end's ``/v1/``). It joins only the scenarios made
     for it (``routes-64``, the smoke run's ``smoke-routes-16``).
+``nginx-tls``, ``trioproxy-tls``
+    ``nginx`` and ``trioproxy`` terminating TLS (``ssl`` on the listener;
+    ``--certfile``/``--keyfile``) with the same certificate (a trustme CA's
+    ECDSA P-256 leaf for 127.0.0.1, written into the measurement's directory);
+    their back end is plain http. They join only the TLS scenarios.
 ``trioproxy-baseline``
     ``trioproxy`` run from another source tree (``--baseline-src DIR``), in the same
     run: ``trioproxy / trioproxy-baseline`` is what the commits between them changed.
@@ -85,6 +90,8 @@ class Contender:
     mount: str = ""
     #: The only scenarios it joins; ``None``: every one.
     scenarios: frozenset[str] | None = None
+    #: ``https``: it terminates TLS (clients speak TLS to it; its back end is plain).
+    scheme: str = "http"
 
 
 def _direct(site: Site) -> Launch:
@@ -102,6 +109,34 @@ def _nginx(site: Site) -> Launch:
     assert site.tools.nginx is not None
     conf = nginx.write_proxy(
         site.prefix, site.port, site.upstream, site.nofile, stream=site.backend == "sse"
+    )
+    return Launch(nginx.command(site.tools.nginx, conf))
+
+
+def tls_pair(directory: Path) -> tuple[str, str]:
+    """A certificate for 127.0.0.1 from a throwaway trustme CA (its default key type,
+    ECDSA P-256) and its key, written into ``directory``; the same kind for every
+    TLS contender."""
+    import trustme
+
+    cert, key = directory / "site.pem", directory / "site.key"
+    leaf = trustme.CA().issue_cert("127.0.0.1", "localhost")
+    leaf.private_key_pem.write_to_path(str(key))
+    leaf.cert_chain_pems[0].write_to_path(str(cert))
+    for extra in leaf.cert_chain_pems[1:]:
+        extra.write_to_path(str(cert), append=True)
+    return str(cert), str(key)
+
+
+def _nginx_tls(site: Site) -> Launch:
+    assert site.tools.nginx is not None
+    conf = nginx.write_proxy(
+        site.prefix,
+        site.port,
+        site.upstream,
+        site.nofile,
+        stream=site.backend == "sse",
+        tls=tls_pair(site.prefix),
     )
     return Launch(nginx.command(site.tools.nginx, conf))
 
@@ -162,7 +197,7 @@ def _velithon(site: Site) -> Launch:
 
 
 def _trioproxy(
-    http: str, *, gateway: bool = False, baseline: bool = False
+    http: str, *, gateway: bool = False, baseline: bool = False, tls: bool = False
 ) -> Callable[[Site], Launch]:
     def launch(site: Site) -> Launch:
         if gateway:
@@ -170,6 +205,9 @@ def _trioproxy(
             upstream = ["--config", str(gateway_config.write_config(site.prefix, site.upstream))]
         else:
             upstream = ["--upstream", f"http://{site.upstream}"]
+        if tls:
+            cert, key = tls_pair(site.prefix)
+            upstream += ["--certfile", cert, "--keyfile", key]
         src = site.trioproxy_src
         if baseline:
             assert site.baseline_src is not None, "trioproxy-baseline needs --baseline-src"
@@ -197,6 +235,9 @@ def _trioproxy(
 
     return launch
 
+
+#: The scenarios of TLS termination (the ``-tls`` contenders join only these).
+TLS_SCENARIOS = frozenset({"tls-small-64", "tls-handshake-16"})
 
 CONTENDERS: dict[str, Contender] = {
     c.name: c
@@ -230,9 +271,31 @@ CONTENDERS: dict[str, Contender] = {
             _trioproxy("auto", baseline=True),
             no_websocket=None,
         ),
+        Contender(
+            "nginx-tls",
+            frozenset({"nginx"}),
+            _nginx_tls,
+            scenarios=TLS_SCENARIOS,
+            scheme="https",
+        ),
+        Contender(
+            "trioproxy-tls",
+            frozenset(),
+            _trioproxy("auto", tls=True),
+            no_websocket=None,
+            scenarios=TLS_SCENARIOS,
+            scheme="https",
+        ),
     )
 }
 
 #: The contenders every ratio is taken for, and the ones they are taken against.
-OURS = ("trioproxy", "trioproxy-h11", "trioproxy-50routes")
-PEERS = ("nginx", "fastapi-reverse-proxy", "velithon", "direct", "trioproxy-baseline")
+OURS = ("trioproxy", "trioproxy-h11", "trioproxy-50routes", "trioproxy-tls")
+PEERS = (
+    "nginx",
+    "fastapi-reverse-proxy",
+    "velithon",
+    "direct",
+    "trioproxy-baseline",
+    "nginx-tls",
+)

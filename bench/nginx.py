@@ -101,7 +101,7 @@ http {{
         keepalive_timeout 300s;
     }}
     server {{
-        listen 127.0.0.1:{port} backlog=4096;
+        listen 127.0.0.1:{port}{ssl} backlog=4096;{tls}
         location / {{
             proxy_pass http://backend;
             proxy_http_version 1.1;
@@ -142,18 +142,41 @@ def write_backend(prefix: Path, port: int, nofile: int) -> Path:
     return conf
 
 
-def write_proxy(prefix: Path, port: int, upstream: str, nofile: int, *, stream: bool) -> Path:
+_TLS = """
+        ssl_certificate {cert};
+        ssl_certificate_key {key};
+        ssl_protocols TLSv1.2 TLSv1.3;"""
+
+
+def write_proxy(
+    prefix: Path,
+    port: int,
+    upstream: str,
+    nofile: int,
+    *,
+    stream: bool,
+    tls: tuple[str, str] | None = None,
+) -> Path:
     """Write a reverse proxy's configuration; returns the config path.
 
     Args:
         upstream: ``HOST:PORT`` of the back end.
         stream: pass responses through unbuffered (SSE).
+        tls: ``(certificate chain, key)`` files: terminate TLS (TLS 1.2 and 1.3, the
+            rest nginx's defaults: session tickets on, no shared session cache).
     """
     values = _common(prefix, nofile)
     conf = prefix / "nginx.conf"
     conf.write_text(
         _COMMON.format(**values)
-        + _PROXY.format(port=port, upstream=upstream, buffering="off" if stream else "on", **values)
+        + _PROXY.format(
+            port=port,
+            upstream=upstream,
+            buffering="off" if stream else "on",
+            ssl=" ssl" if tls else "",
+            tls=_TLS.format(cert=tls[0], key=tls[1]) if tls else "",
+            **values,
+        )
     )
     return conf
 

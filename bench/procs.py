@@ -10,11 +10,13 @@ two cores of the machine are split once for the whole run: the contender alone o
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import threading
 import time
@@ -88,13 +90,20 @@ def raise_nofile_limit() -> int:
     return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
 
 
-def probe_http(port: int, path: str = "/ready", timeout: float = 2.0) -> int:
-    """One ``GET`` over a fresh connection; returns the status code.
+def probe_http(port: int, path: str = "/ready", timeout: float = 2.0, tls: bool = False) -> int:
+    """One ``GET`` over a fresh connection (over TLS, certificate unchecked, with
+    ``tls``); returns the status code.
 
     Raises:
         OSError: the connection failed or closed before a status line came.
     """
-    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
+    with contextlib.ExitStack() as stack:
+        sock = stack.enter_context(socket.create_connection(("127.0.0.1", port), timeout=timeout))
+        if tls:
+            context = ssl.create_default_context()
+            context.check_hostname = False
+            context.verify_mode = ssl.CERT_NONE
+            sock = stack.enter_context(context.wrap_socket(sock))
         sock.sendall(
             f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n".encode()
         )
@@ -209,6 +218,7 @@ def start(
     cwd: Path | None = None,
     ready_path: str | None = "/ready",
     ready_timeout: float = READY_TIMEOUT,
+    tls: bool = False,
 ) -> Child:
     """Start ``argv`` pinned to ``core`` and wait until it answers on ``port``.
 
@@ -238,14 +248,14 @@ def start(
         )
     child = Child(name=name, popen=popen, log_path=log_path, port=port)
     try:
-        _wait_ready(child, ready_path, ready_timeout)
+        _wait_ready(child, ready_path, ready_timeout, tls)
     except BaseException:
         child.stop()
         raise
     return child
 
 
-def _wait_ready(child: Child, ready_path: str | None, timeout: float) -> None:
+def _wait_ready(child: Child, ready_path: str | None, timeout: float, tls: bool = False) -> None:
     deadline = time.monotonic() + timeout
     last_error = "no answer"
     while time.monotonic() < deadline:
@@ -254,7 +264,7 @@ def _wait_ready(child: Child, ready_path: str | None, timeout: float) -> None:
             if ready_path is None:
                 socket.create_connection(("127.0.0.1", child.port), timeout=1.0).close()
                 return
-            status = probe_http(child.port, ready_path)
+            status = probe_http(child.port, ready_path, tls=tls)
             if status == 200:
                 return
             last_error = f"GET {ready_path} answered {status}"

@@ -474,6 +474,7 @@ _METRIC_TITLES = {
     "msgs_s": "msgs/s",
     "kib_per_conn": "KiB/conn",
     "rss_mib": "RSS",
+    "cpu_us": "CPU µs/req",
 }
 
 
@@ -486,7 +487,8 @@ def _ratio_table(
     lines = [
         "## Ratios: ours / theirs, per repetition of this run; median (min..max)",
         "",
-        "req/s, MiB/s, msgs/s: higher is better; p99, KiB/conn, RSS: lower is better."
+        "req/s, MiB/s, msgs/s: higher is better; p99, KiB/conn, RSS, CPU µs/req: lower is"
+        " better."
         " The ceiling column divides req/s by the in-process ceiling of the parser it uses.",
         "",
         "| scenario | metric | ours | "

@@ -139,6 +139,7 @@ def measure_one(
             env=launch.env,
             cwd=launch.cwd,
             ready_timeout=plan.ready_timeout,
+            tls=contender.scheme == "https",
         )
     except BenchError as exc:
         return Measurement(scenario.name, contender.name, rep, FAILED, f"start: {exc}")

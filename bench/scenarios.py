@@ -95,11 +95,15 @@ class WrkScenario(Scenario):
     path: str = "/small"
     connections: int = 16
     upload_size: int = 0
+    #: A new connection (and, over TLS, a full handshake) for every request.
+    close: bool = False
     needs: ClassVar[frozenset[str]] = frozenset({"wrk"})
 
     def measure(self, ctx: Context) -> Metrics:
         assert ctx.tools.wrk is not None
-        url = f"http://127.0.0.1:{ctx.port}{ctx.contender.mount}{self.path}"
+        scheme = ctx.contender.scheme
+        url = f"{scheme}://127.0.0.1:{ctx.port}{ctx.contender.mount}{self.path}"
+        headers = ("Connection: close",) if self.close else ()
         script = (
             wrk.write_upload_script(ctx.workdir, self.upload_size) if self.upload_size else None
         )
@@ -107,7 +111,12 @@ class WrkScenario(Scenario):
         def once(duration: float) -> wrk.WrkResult:
             assert ctx.tools.wrk is not None
             return wrk.run(
-                ctx.tools.wrk, url, connections=self.connections, duration=duration, script=script
+                ctx.tools.wrk,
+                url,
+                connections=self.connections,
+                duration=duration,
+                script=script,
+                headers=headers,
             )
 
         _check_wrk(once(ctx.warmup), "warm-up")
@@ -126,6 +135,9 @@ class WrkScenario(Scenario):
             "p50_ms": result.p50_ms,
             "p99_ms": result.p99_ms,
             "cpu": cpu,
+            # CPU time per request: steadier than req/s on a machine others share
+            # (a contender not kept busy has a low rate, not a high cost).
+            "cpu_us": cpu / result.req_s * 1e6 if result.req_s else 0.0,
             "requests": result.requests,
             "errors": result.errors + result.non_2xx,
         }
@@ -311,6 +323,10 @@ class WsScenario(Scenario):
 
 
 _GET = (("req_s", True), ("p99_ms", False))
+#: The TLS scenarios compare each TLS terminator with itself in plain http, on CPU
+#: time per request too.
+_TLS_PAIRS = frozenset({"nginx", "nginx-tls", "trioproxy", "trioproxy-tls"})
+_TLS_COMPARED = (*_GET, ("cpu_us", False))
 
 SCENARIOS: dict[str, Scenario] = {
     s.name: s
@@ -356,6 +372,16 @@ SCENARIOS: dict[str, Scenario] = {
         SseScenario(
             "sse-1000", "SSE fan-out, 1000 streams", "sse", "events_s", "events/s",
             (("p99_ms", False),), streams=1000,
+        ),
+        WrkScenario(
+            "tls-small-64", "small GET (100 B), 64 keep-alive conns, TLS terminated vs plain",
+            "http", "req_s", "req/s", _TLS_COMPARED, contenders=_TLS_PAIRS, path="/small",
+            connections=64,
+        ),
+        WrkScenario(
+            "tls-handshake-16", "small GET (100 B), 16 conns, a new connection per request",
+            "http", "req_s", "req/s", _TLS_COMPARED, contenders=_TLS_PAIRS, path="/small",
+            connections=16, close=True,
         ),
     )
 }  # fmt: skip

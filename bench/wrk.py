@@ -99,6 +99,7 @@ def run(
     duration: float,
     script: Path | None = None,
     timeout_s: float = 30.0,
+    headers: tuple[str, ...] = (),
 ) -> WrkResult:
     """One wrk run, one thread, pinned to the load core.
 
@@ -115,6 +116,8 @@ def run(
     ]
     if script is not None:
         argv += ["-s", str(script)]
+    for header in headers:
+        argv += ["-H", header]
     argv.append(url)
     started = time.monotonic()
     try:

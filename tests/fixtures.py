@@ -42,7 +42,7 @@ PROXY_START_TIMEOUT = 10.0
 PROXY_STOP_TIMEOUT = 15.0
 
 # Only a whole line counts: a chunk may end in the middle of the port number.
-_LISTENING = re.compile(rb"listening on (http://(\S+):(\d+))\r?\n")
+_LISTENING = re.compile(rb"listening on (https?://(\S+):(\d+))\r?\n")
 
 StreamHandler = Callable[[trio.SocketStream], Awaitable[None]]
 

@@ -446,6 +446,21 @@ def build_parser() -> argparse.ArgumentParser:
         const=False,
         help="do not verify https upstream certificates (never in production)",
     )
+    tls = parser.add_argument_group("TLS termination (more in [server] tls of the config file)")
+    flag(
+        tls,
+        "--certfile",
+        ("server", "tls", "cert"),
+        metavar="FILE",
+        help="serve https with this certificate chain (PEM, leaf first); needs --keyfile",
+    )
+    flag(
+        tls,
+        "--keyfile",
+        ("server", "tls", "key"),
+        metavar="FILE",
+        help="the private key (PEM) of --certfile",
+    )
     websocket = parser.add_argument_group("WebSocket tunnels")
     flag(
         websocket,
@@ -569,7 +584,7 @@ async def _main(config: Config, sources: ConfigSources) -> int:
             return 1
         tune_gc()
         addresses = await nursery.start(server.run)
-        announce(addresses)
+        announce(addresses, server.scheme)
         await server.wait_stopped()
         nursery.cancel_scope.cancel()
     return 0

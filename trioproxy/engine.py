@@ -143,6 +143,9 @@ class ExchangeLog:
     values: TemplateValues | None = None
     #: The client's ``Origin``, when the route has a CORS policy.
     origin: bytes | None = None
+    #: The real client IP when the front end resolved one (``trioproxy.edge.identity``);
+    #: empty: the peer address is the client's.
+    client_ip: str = ""
 
 
 @attrs.define
@@ -421,6 +424,7 @@ class Engine:
             preserve_host=group.preserve_host,
             request_id=record.request_id,
             via=via_entry(request.http_version),
+            x_forwarded=route.x_forwarded,
         )
         if route.headers.request:
             headers = route.headers.request.apply(headers, record.values)
@@ -690,7 +694,9 @@ class Engine:
         headers = request.headers
         if route.cors is not None:
             record.origin = get_first(headers, b"origin")
-        record.values = route.template_values(request, client_addr, record.request_id)
+        record.values = route.template_values(
+            request, record.client_ip or client_addr, record.request_id
+        )
         if route.rewrite is None:
             return request
         target, prefix = route.rewrite.apply(request.target)

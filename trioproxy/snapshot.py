@@ -22,6 +22,8 @@ import attrs
 from trioproxy.balance.group import LiveGroup
 from trioproxy.config.errors import ConfigError
 from trioproxy.config.model import Config, RouteSettings
+from trioproxy.edge.access import AccessPolicy, KeyCheck
+from trioproxy.edge.identity import IdentityPolicy
 from trioproxy.edge.limits import EdgeState, RouteLimits
 from trioproxy.http.cors import CorsPolicy, compile_cors
 from trioproxy.http.headers import get_first
@@ -64,6 +66,10 @@ class Route:
     body_transform: BodyTransform | None = None
     #: Rate limits and ``max_inflight``; None when the route has neither.
     limits: RouteLimits | None = None
+    #: Whether ``X-Forwarded-*`` go upstream (``[server] forwarded``).
+    x_forwarded: bool = True
+    #: ``allow``, ``deny`` and ``auth`` (``trioproxy.edge.access``); None: no rule.
+    access: AccessPolicy | None = None
     #: Whether any of the above changes requests or responses (the hot path
     #: asks once).
     has_transforms: bool = attrs.field(init=False)
@@ -149,10 +155,14 @@ class Snapshot:
     #: ``route_for(method, target, headers)``: the route a request takes, or None
     #: (the client gets 404).
     route_for: Callable[[bytes, bytes, Headers], Route | None] = attrs.field(init=False)
+    #: ``[server] trusted_proxies`` and ``forwarded`` (``trioproxy.edge.identity``).
+    identity: IdentityPolicy = attrs.field(init=False)
 
     def __attrs_post_init__(self) -> None:
         self.router = Router([(route.settings, route) for route in self.routes])
         self.route_for = self.router.match
+        server = self.config.server
+        self.identity = IdentityPolicy(server.trusted_proxies, server.forwarded)
 
     @classmethod
     def of_routes(cls, routes: list[Route]) -> Snapshot:
@@ -217,6 +227,8 @@ def build_snapshot(
                 cors=cors,
                 body_transform=transform,
                 limits=edge.route_limits(settings),
+                x_forwarded=server.forwarded != "rfc7239",
+                access=_access_policy(settings),
             )
         )
     snapshot = None
@@ -230,6 +242,19 @@ def build_snapshot(
         raise ConfigError("\n".join(problems))
     assert snapshot is not None
     return snapshot
+
+
+def _access_policy(settings: RouteSettings) -> AccessPolicy | None:
+    auth = settings.auth
+    if not (settings.allow or settings.deny or auth is not None):
+        return None
+    return AccessPolicy(
+        allow=settings.allow,
+        deny=settings.deny,
+        auth=None
+        if auth is None
+        else KeyCheck.of(auth.keys, header=auth.header, forward_key=auth.forward_key),
+    )
 
 
 def _collect(

@@ -66,6 +66,8 @@ FLAGS = (
     "--check-config",
     "--watch",
     "--backend-url",
+    "--certfile",
+    "--keyfile",
 )
 
 

@@ -8,6 +8,7 @@ import random
 import pytest
 
 from trioproxy.config.model import RateLimitSpec
+from trioproxy.edge.access import presented_key
 from trioproxy.edge.ratelimit import (
     US,
     Limit,
@@ -16,7 +17,6 @@ from trioproxy.edge.ratelimit import (
     check_memory,
     compile_limits,
     gcra,
-    presented_key,
     request_key,
 )
 
@@ -167,6 +167,16 @@ def test_request_keys() -> None:
     by_key = limit(key="api_key")
     assert "tok-9" not in request_key(by_key, headers, "1.1.1.1")
     assert request_key(by_key, headers, "1.1.1.1") != request_key(by_key, [], "1.1.1.1")
+    # With a route's auth.header, api_key counts the key where the access rules read it.
+    (by_header_key,) = compile_limits(
+        [RateLimitSpec(average=1, key="api_key")], "r", key_header=b"x-api-key"
+    )
+    assert request_key(by_header_key, headers, "1.1.1.1") == request_key(
+        by_header_key, [(b"x-api-key", b"secret-1")], "1.1.1.1"
+    )
+    assert request_key(by_header_key, headers, "1.1.1.1") != request_key(
+        by_header_key, [(b"authorization", b"Bearer tok-9")], "1.1.1.1"
+    )
 
 
 def test_presented_key() -> None:

@@ -26,8 +26,12 @@ from trioproxy.upstream.pool import UpstreamPool
 
 
 def make_ssl_context(tls: UpstreamTLS) -> ssl.SSLContext:
-    """Client-side TLS for https upstreams: verification on unless ``verify`` is off."""
+    """Client-side TLS for https upstreams: verification on unless ``verify`` is off,
+    and a client certificate when ``cert`` and ``key`` are given."""
     context = ssl.create_default_context(cafile=tls.ca)
+    if tls.cert is not None and tls.key is not None:
+        # mTLS: presented to upstreams that ask for a client certificate.
+        context.load_cert_chain(tls.cert, tls.key)
     if not tls.verify:
         context.check_hostname = False
         context.verify_mode = ssl.CERT_NONE

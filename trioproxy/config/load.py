@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import os
 import re
+import ssl
 import tomllib
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -55,6 +56,7 @@ from trioproxy.config import values as v
 from trioproxy.config.errors import ConfigError
 from trioproxy.config.model import (
     AdminSettings,
+    AuthSpec,
     Config,
     CorsSpec,
     HeaderRules,
@@ -68,6 +70,8 @@ from trioproxy.config.model import (
     RouteSettings,
     RouteTimeouts,
     ServerSettings,
+    ServerTLS,
+    SniCertificate,
     Timeouts,
     UpstreamGroup,
     UpstreamTLS,
@@ -121,6 +125,9 @@ ADMIN = Table({"host": v.text, "port": v.port})
 REDIS = Table(
     {"url": v.redis_url, "timeout": v.positive_duration, "on_store_error": v.store_error_choice}
 )
+SERVER_TLS = Table(
+    {"cert": v.text, "key": v.text, "sni": v.sni_entries, "redirect_http": v.redirect_http}
+)
 SERVER = Table(
     {
         "host": v.text,
@@ -139,6 +146,9 @@ SERVER = Table(
         "headers": HEADERS,
         "redis": REDIS,
         "rate_limit_max_keys": v.positive_count,
+        "trusted_proxies": v.cidrs,
+        "forwarded": v.forwarded_mode,
+        "tls": SERVER_TLS,
     }
 )
 HEALTH = Table(
@@ -172,7 +182,7 @@ POOL = Table(
     }
 )
 TIMEOUTS = Table({"connect": v.positive_duration, "read": v.positive_duration})
-TLS = Table({"verify": v.boolean, "ca": v.text})
+TLS = Table({"verify": v.boolean, "ca": v.text, "cert": v.text, "key": v.text})
 GROUP = Table(
     {
         "servers": v.servers,
@@ -217,6 +227,14 @@ CORS = Table(
     }
 )
 RESPOND = Table({"status": v.status, "body": v.any_text, "content_type": v.text})
+AUTH = Table(
+    {
+        "api_keys_file": v.text,
+        "api_keys_env": v.text,
+        "header": v.header_name,
+        "forward_key": v.boolean,
+    }
+)
 ROUTE = Table(
     {
         "upstream": v.text,
@@ -232,6 +250,9 @@ ROUTE = Table(
         "body_transform_limit": v.positive_size,
         "rate_limit": v.rate_limits,
         "max_inflight": v.positive_count,
+        "allow": v.cidrs,
+        "deny": v.cidrs,
+        "auth": AUTH,
     }
 )
 FILE = Table({"server": SERVER, "upstreams": Named(GROUP), "routes": Named(ROUTE)})
@@ -437,11 +458,17 @@ class _Builder:
     """Reads the merged layers by key path and converts, keeping every problem."""
 
     def __init__(
-        self, merged: Mapping[Path_, Value], every_group: Mapping[Path_, Value], problems: _Problems
+        self,
+        merged: Mapping[Path_, Value],
+        every_group: Mapping[Path_, Value],
+        problems: _Problems,
+        environ: Mapping[str, str | None] | None = None,
     ) -> None:
         self.merged = merged
         self.every_group = every_group
         self.problems = problems
+        #: .env under the environment, for values the config names (``api_keys_env``).
+        self.environ = environ or {}
 
     def get(self, path: Path_) -> Value | None:
         if len(path) > 2 and path[0] == "upstreams" and path[2:] in self.every_group:
@@ -494,7 +521,63 @@ def _server(b: _Builder) -> ServerSettings:
         headers=HeaderRules(**b.fields(("server", "headers"), HEADERS)),
         demo=bool(demo and demo.raw),
         redis=_optional(b, ("server", "redis"), REDIS, RedisSettings),
+        tls=_server_tls(b),
     )
+
+
+def _file_at(value: Value, name: str, at: str, b: _Builder) -> str | None:
+    """``name`` (given in ``value``, at ``at`` below its path) resolved against its
+    source's directory; None, with the problem noted, if it cannot be read."""
+    full = value.base / os.path.expanduser(name)
+    try:
+        with open(full, "rb"):
+            pass
+    except OSError as exc:
+        b.problems.add(f"{value.where(at)}: cannot read {v.show(name)}: {exc.strerror or exc}")
+        return None
+    return str(full)
+
+
+def _server_tls(b: _Builder) -> ServerTLS | None:
+    """``[server] tls`` (or ``--certfile``/``--keyfile``), its files read and each
+    certificate checked against its key, so that ``--check-config`` finds a bad one."""
+    from trioproxy.edge.tls import CertificateError, server_context
+
+    path = ("server", "tls")
+    given = [b.get(p) for p in (path, (*path, "cert"), (*path, "key"))]
+    anchor = next((value for value in given if value is not None), None)
+    if anchor is None:
+        return None
+    fields = b.fields(path, SERVER_TLS)
+    if b.get((*path, "cert")) is None or b.get((*path, "key")) is None:
+        b.fail(path, 'needs both "cert" and "key" (--certfile and --keyfile)', anchor)
+        return None
+    cert = _readable_file(b, (*path, "cert"))
+    key = _readable_file(b, (*path, "key"))
+    sni: list[SniCertificate] = []
+    sni_value = b.get((*path, "sni"))
+    for index, entry in enumerate(fields.get("sni", ())):
+        assert sni_value is not None
+        entry_cert = _file_at(sni_value, entry.cert, f"[{index}].cert", b)
+        entry_key = _file_at(sni_value, entry.key, f"[{index}].key", b)
+        if entry_cert is None or entry_key is None:
+            continue
+        try:
+            server_context(entry_cert, entry_key)
+        except CertificateError as exc:
+            b.problems.add(f"{sni_value.where(f'[{index}].cert')}: {v.show(entry.cert)}: {exc}")
+            continue
+        sni.append(attrs.evolve(entry, cert=entry_cert, key=entry_key))
+    if cert is None or key is None:
+        return None
+    try:
+        server_context(cert, key)
+    except CertificateError as exc:
+        name = b.get((*path, "cert"))
+        assert name is not None
+        b.fail((*path, "cert"), f"{v.show(name.raw)}: {exc}")
+        return None
+    return ServerTLS(cert=cert, key=key, sni=tuple(sni), redirect_http=fields.get("redirect_http"))
 
 
 def _health(b: _Builder, path: Path_) -> HealthSettings:
@@ -540,6 +623,20 @@ def _group(b: _Builder, name: str, demo: bool) -> UpstreamGroup:
     tls = b.fields((*path, "tls"), TLS)
     if b.get((*path, "tls", "ca")) is not None:
         tls["ca"] = _readable_file(b, (*path, "tls", "ca"))
+    for part in ("cert", "key"):
+        if b.get((*path, "tls", part)) is not None:
+            tls[part] = _readable_file(b, (*path, "tls", part))
+    given = [part for part in ("cert", "key") if b.get((*path, "tls", part)) is not None]
+    if len(given) == 1:
+        b.fail((*path, "tls", given[0]), 'a client certificate needs both "cert" and "key"')
+    elif tls.get("cert") and tls.get("key"):
+        from trioproxy.edge.tls import CertificateError, load_pair
+
+        try:
+            load_pair(ssl.create_default_context(), tls["cert"], tls["key"])
+        except CertificateError as exc:
+            shown = v.show(b.get((*path, "tls", "cert")).raw)  # type: ignore[union-attr]
+            b.fail((*path, "tls", "cert"), f"{shown}: {exc}")
     return UpstreamGroup(
         name=name,
         servers=fields.pop("servers", ()),
@@ -587,6 +684,7 @@ def _route(b: _Builder, name: str, groups: Sequence[str]) -> RouteSettings:
     return RouteSettings(
         name=name,
         **fields,
+        auth=_auth(b, (*path, "auth")),
         respond=respond,
         rewrite=rewrite,
         cors=cors,
@@ -594,6 +692,51 @@ def _route(b: _Builder, name: str, groups: Sequence[str]) -> RouteSettings:
         headers=HeaderRules(**b.fields((*path, "headers"), HEADERS)),
         timeouts=RouteTimeouts(**b.fields((*path, "timeouts"), TIMEOUTS)),
     )
+
+
+def _auth(b: _Builder, path: Path_) -> AuthSpec | None:
+    """``auth = {...}``, its keys read now (so a reload reads them again)."""
+    if b.get(path) is None:
+        return None
+    fields = b.fields(path, AUTH)
+    sources = [key for key in ("api_keys_file", "api_keys_env") if b.get((*path, key))]
+    if len(sources) != 1:
+        b.fail(path, 'needs exactly one of "api_keys_file" and "api_keys_env"')
+        return AuthSpec(**fields)
+    keys: list[str] = []
+    if "api_keys_file" in fields:
+        name = _readable_file(b, (*path, "api_keys_file"))
+        if name is None:
+            return AuthSpec(**fields)
+        try:
+            with open(name, encoding="utf-8") as stream:
+                lines = stream.read().splitlines()
+        except (OSError, UnicodeDecodeError) as exc:
+            b.fail(
+                (*path, "api_keys_file"), f"cannot read {v.show(fields['api_keys_file'])}: {exc}"
+            )
+            return AuthSpec(**fields)
+        # One key per line; blank lines and "#" comments are skipped.
+        keys = [
+            line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")
+        ]
+        where = f"{v.show(fields['api_keys_file'])} holds"
+    elif "api_keys_env" in fields:
+        variable = fields["api_keys_env"]
+        raw = b.environ.get(variable)
+        if not raw:
+            b.fail((*path, "api_keys_env"), f"environment variable {v.show(variable)} is not set")
+            return AuthSpec(**fields)
+        keys = [part.strip() for part in raw.split(",") if part.strip()]
+        where = f"environment variable {v.show(variable)} holds"
+    else:
+        return AuthSpec(**fields)
+    if not keys:
+        b.fail(path, f"{where} no key")
+    elif any(not key.isprintable() or " " in key or not key.isascii() for key in keys):
+        # (the key itself is not shown: it may be a secret)
+        b.fail(path, f"{where} a key with spaces, control or non-ASCII characters")
+    return AuthSpec(**fields, keys=tuple(keys))
 
 
 def _match_key(route: RouteSettings) -> tuple[object, ...]:
@@ -673,7 +816,7 @@ def load_config(sources: ConfigSources) -> Config:
             "give the servers in an [upstreams.NAME] table there"
         )
 
-    b = _Builder(merged, every_group, problems)
+    b = _Builder(merged, every_group, problems, environ)
     server = _server(b)
     group_names = _names(merged, "upstreams")
     if DEFAULT not in group_names and (servers is not None or demo):

@@ -26,6 +26,7 @@ and key path; the classes here hold what passed.
 
 from __future__ import annotations
 
+import ipaddress
 from collections.abc import Mapping
 
 import attrs
@@ -92,6 +93,35 @@ class RateLimitSpec:
 
 
 @attrs.frozen(kw_only=True)
+class SniCertificate:
+    """``[[server.tls.sni]]``: a certificate for the names a client may ask for."""
+
+    #: Exact names or ``*.`` wildcards, lower-case.
+    hosts: tuple[str, ...]
+    cert: str
+    key: str
+
+
+@attrs.frozen(kw_only=True)
+class RedirectHTTP:
+    """``tls.redirect_http``: where the plain listener that answers 308 listens."""
+
+    #: None: the server's own ``host``.
+    host: str | None = None
+    port: int = 80
+
+
+@attrs.frozen(kw_only=True)
+class ServerTLS:
+    """``[server] tls``: TLS termination (see ``trioproxy.edge.tls``). Paths resolved."""
+
+    cert: str
+    key: str
+    sni: tuple[SniCertificate, ...] = ()
+    redirect_http: RedirectHTTP | None = None
+
+
+@attrs.frozen(kw_only=True)
 class ServerSettings:
     """``[server]``: the listener and what applies to every route."""
 
@@ -119,6 +149,12 @@ class ServerSettings:
     redis: RedisSettings | None = None
     #: Most keys the memory store of rate limits holds (least recently used go first).
     rate_limit_max_keys: int = 100_000
+    #: Peers whose X-Forwarded-For is believed (see ``trioproxy.edge.identity``).
+    trusted_proxies: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
+    #: ``x-forwarded``, ``rfc7239`` or ``both``: which forwarding fields go upstream.
+    forwarded: str = "x-forwarded"
+    #: TLS termination; None: plain HTTP.
+    tls: ServerTLS | None = None
 
 
 @attrs.frozen(kw_only=True)
@@ -166,6 +202,9 @@ class UpstreamTLS:
     verify: bool = True
     #: CA bundle (PEM) to verify with instead of the system's.
     ca: str | None = None
+    #: A client certificate chain and key (PEM) for upstreams that ask for one (mTLS).
+    cert: str | None = None
+    key: str | None = None
 
 
 @attrs.frozen(kw_only=True)
@@ -232,6 +271,21 @@ class RespondSpec:
 
 
 @attrs.frozen(kw_only=True)
+class AuthSpec:
+    """``auth = {...}``: API keys a route requires (see ``trioproxy.edge.access``)."""
+
+    #: Where the keys came from: a file (one key per line) or an environment
+    #: variable (keys separated by commas); the loader reads them into ``keys``.
+    api_keys_file: str | None = None
+    api_keys_env: str | None = None
+    #: The request field that carries the key (lower-case); None: Authorization: Bearer.
+    header: str | None = None
+    forward_key: bool = False
+    #: The keys themselves, as read when the config was loaded (never shown).
+    keys: tuple[str, ...] = attrs.field(default=(), repr=False)
+
+
+@attrs.frozen(kw_only=True)
 class RouteSettings:
     """``[routes.NAME]``: exactly one of ``upstream`` and ``respond``."""
 
@@ -255,6 +309,10 @@ class RouteSettings:
     rate_limit: tuple[RateLimitSpec, ...] = ()
     #: Most requests (and WebSocket tunnels) open at once on this route; None: no cap.
     max_inflight: int | None = None
+    #: Client networks allowed (empty: all) and denied (``trioproxy.edge.access``).
+    allow: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
+    deny: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
+    auth: AuthSpec | None = None
 
 
 @attrs.frozen(kw_only=True)

@@ -14,6 +14,7 @@ with a binary multiple (``"64k"``, ``"10m"``, ``"1g"``; ``"64KiB"`` too).
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import math
 import re
@@ -24,7 +25,8 @@ from trioproxy.balance.health_rules import StatusRanges
 from trioproxy.balance.strategies import make_strategy
 from trioproxy.balance.target import TargetSpec
 from trioproxy.config.errors import ConfigError
-from trioproxy.config.model import RateLimitSpec
+from trioproxy.config.model import RateLimitSpec, RedirectHTTP, SniCertificate
+from trioproxy.edge.identity import FORWARDED_MODES
 from trioproxy.http.parsers import httptools_available
 from trioproxy.upstream.origin import BadUpstreamURL, UpstreamURL
 
@@ -605,3 +607,77 @@ def redis_url(value: object) -> str:
     if not re.fullmatch(r"rediss?://[^\s/]+(/\d*)?", result.strip()):
         raise Invalid(f'must be like "redis://127.0.0.1:6379/0", got {show(value)}')
     return result.strip()
+
+
+# --- networks (trusted_proxies, allow, deny) ---------------------------------------
+
+
+def cidr(value: object) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
+    """A network, ``"10.0.0.0/8"`` or ``"2001:db8::/32"``; a bare address is a /32 (/128).
+    Host bits must be zero (``"10.0.0.1/8"`` is refused: it likely means something else)."""
+    if isinstance(value, str):
+        try:
+            return ipaddress.ip_network(value.strip())
+        except ValueError:
+            pass
+    raise Invalid(f'must be an IP network like "10.0.0.0/8" or "2001:db8::/32", got {show(value)}')
+
+
+def cidrs(value: object) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+    """A list of networks; from the environment, separated by commas or white space."""
+    if isinstance(value, str):
+        value = [part for part in _LIST_SPLIT.split(value.strip()) if part]
+    return _each(value, cidr)
+
+
+forwarded_mode = choice(FORWARDED_MODES)
+
+
+# --- TLS (server.tls) ----------------------------------------------------------------
+
+_SNI_KEYS = ("hosts", "cert", "key")
+
+
+def _sni_entry(value: object) -> SniCertificate:
+    """``{ hosts = [...], cert = "a.pem", key = "a.key" }`` (file names as written)."""
+    table = _table(value)
+    problems: list[tuple[str, str]] = [
+        (f".{_key(key)}", "unknown key" + did_you_mean(key, _SNI_KEYS))
+        for key in table
+        if key not in _SNI_KEYS
+    ]
+    fields: dict[str, Any] = {}
+    for key, check in (("hosts", host_patterns), ("cert", text), ("key", text)):
+        if key not in table:
+            problems.append(("", f'needs "{key}"'))
+            continue
+        try:
+            fields[key] = check(table[key])
+        except Invalid as exc:
+            problems.extend((f".{key}{at}", reason) for at, reason in exc.problems)
+    if problems:
+        raise Invalid.many(problems)
+    return SniCertificate(**fields)
+
+
+def sni_entries(value: object) -> tuple[SniCertificate, ...]:
+    """``[[server.tls.sni]]``: a list of tables."""
+    if not isinstance(value, list):
+        raise Invalid(f"must be a list of tables ([[server.tls.sni]]), got {show(value)}")
+    return _each(value, _sni_entry)
+
+
+def redirect_http(value: object) -> RedirectHTTP:
+    """``tls.redirect_http``: a port (on the server's host) or ``"host:port"``."""
+    if isinstance(value, str) and ":" in value:
+        host, _, port_text = value.rpartition(":")
+        host = host.strip().removeprefix("[").removesuffix("]")
+        try:
+            return RedirectHTTP(host=host or None, port=port(port_text))
+        except Invalid:
+            pass
+        raise Invalid(f'must be a port or "host:port", got {show(value)}')
+    try:
+        return RedirectHTTP(port=port(value))
+    except Invalid:
+        raise Invalid(f'must be a port or "host:port", got {show(value)}') from None

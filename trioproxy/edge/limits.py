@@ -159,7 +159,9 @@ class EdgeState:
         """The live limits of a route; None when it has none."""
         if not settings.rate_limit and settings.max_inflight is None:
             return None
-        limits = compile_limits(settings.rate_limit, settings.name)
+        auth = settings.auth
+        key_header = auth.header.encode("ascii") if auth is not None and auth.header else None
+        limits = compile_limits(settings.rate_limit, settings.name, key_header)
         name = settings.name
         counters = self.counters[name] = self._carried.get(name) or RouteCounters()
         return RouteLimits(

@@ -40,6 +40,7 @@ from collections.abc import Sequence
 import attrs
 
 from trioproxy.config.model import RateLimitSpec
+from trioproxy.edge.access import presented_key
 from trioproxy.http.protocol import Headers
 
 US = 1_000_000
@@ -69,13 +70,18 @@ class Limit:
     name: str
     #: The prefix of its store keys: route, rate and key kind.
     prefix: str
+    #: Where ``api_key`` reads the key: the route's ``auth.header`` (lower-case), or
+    #: None for ``Authorization: Bearer`` (as ``trioproxy.edge.access`` reads it).
+    key_header: bytes | None = None
 
     @classmethod
-    def compile(cls, spec: RateLimitSpec, route: str, name: str) -> Limit:
+    def compile(
+        cls, spec: RateLimitSpec, route: str, name: str, key_header: bytes | None = None
+    ) -> Limit:
         interval = max(1, round(spec.period * US / spec.average))
         burst = spec.burst if spec.burst is not None else spec.average
         prefix = f"{route}|{spec.average}/{round(spec.period * US)}us/{burst}|{spec.key}|"
-        return cls(spec, interval, burst, name, prefix)
+        return cls(spec, interval, burst, name, prefix, key_header)
 
     def policy_item(self) -> str:
         """This limit as a ``RateLimit-Policy`` item: ``"name";q=N;w=S;trioproxy-burst=B``.
@@ -89,9 +95,11 @@ class Limit:
         return f"{_sf_string(self.name)};q={quota};w={window};trioproxy-burst={self.burst}"
 
 
-def compile_limits(specs: Sequence[RateLimitSpec], route: str) -> tuple[Limit, ...]:
+def compile_limits(
+    specs: Sequence[RateLimitSpec], route: str, key_header: bytes | None = None
+) -> tuple[Limit, ...]:
     """A route's limits, each named ``KEY/PERIOD`` (``"ip/1s"``; ``#2`` appended to a
-    name already taken)."""
+    name already taken). ``key_header``: the route's ``auth.header``, if any."""
     limits: list[Limit] = []
     taken: set[str] = set()
     for index, spec in enumerate(specs):
@@ -99,7 +107,7 @@ def compile_limits(specs: Sequence[RateLimitSpec], route: str) -> tuple[Limit, .
         if name in taken:
             name = f"{name}#{index}"
         taken.add(name)
-        limits.append(Limit.compile(spec, route, name))
+        limits.append(Limit.compile(spec, route, name, key_header))
     return tuple(limits)
 
 
@@ -118,27 +126,6 @@ def _sf_string(text: str) -> str:
 # --- what a request is counted under ------------------------------------------------
 
 
-def client_ip(client_addr: str, headers: Headers) -> str:
-    """The address the ``ip`` key counts: for now the downstream peer's address.
-
-    (The real client IP behind trusted proxies replaces this at one place.)
-    """
-    return client_addr
-
-
-def presented_key(headers: Headers, header: bytes | None = None) -> bytes | None:
-    """The API key a request presents: ``Authorization: Bearer KEY``, or the value of
-    ``header`` (a route's auth header, lower-case) when given; None if none."""
-    for name, value in headers:
-        if header is not None and name == header:
-            return value.strip()
-        if name == b"authorization":
-            scheme, _, token = value.strip().partition(b" ")
-            if scheme.lower() == b"bearer" and token.strip():
-                return token.strip()
-    return None
-
-
 def _digest(value: bytes) -> str:
     """Header values and keys are stored hashed: bounded in size, and a secret
     (an API key) is never written to memory tables or Redis as it is."""
@@ -148,17 +135,18 @@ def _digest(value: bytes) -> str:
 def request_key(limit: Limit, headers: Headers, client_addr: str) -> str:
     """The store key ``limit`` counts this request under.
 
-    Requests that lack the header (``header:NAME``) or present no key
-    (``api_key``) share one bucket per limit, so leaving it out is no way
-    around the limit.
+    ``client_addr`` is the real client IP (``trioproxy.edge.identity``), and
+    ``api_key`` the key as the route's access rules read it. Requests that lack the
+    header (``header:NAME``) or present no key (``api_key``) share one bucket per
+    limit, so leaving it out is no way around the limit.
     """
     kind = limit.spec.key
     if kind == "ip":
-        return limit.prefix + client_ip(client_addr, headers)
+        return limit.prefix + client_addr
     if kind == "route":
         return limit.prefix
     if kind == "api_key":
-        key = presented_key(headers)
+        key = presented_key(headers, limit.key_header)
         return limit.prefix + ("-" if key is None else _digest(key))
     name = kind.partition(":")[2].encode("ascii")
     for field, value in headers:

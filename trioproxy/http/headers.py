@@ -221,6 +221,7 @@ def upstream_request_headers(
     preserve_host: bool,
     request_id: bytes,
     via: bytes = b"1.1 trioproxy",
+    x_forwarded: bool = True,
 ) -> Headers:
     """Build the fields the proxy sends upstream from the client's request fields.
 
@@ -234,6 +235,9 @@ def upstream_request_headers(
         request_id: the value for ``X-Request-ID``.
         via: this hop's ``Via`` element (RFC 9110 §7.6.3), e.g. ``b"1.0 trioproxy"``
             for an HTTP/1.0 client.
+        x_forwarded: write ``X-Forwarded-For``/``-Proto``/``-Host``; False drops
+            them, the client's included (``[server] forwarded = "rfc7239"``: the
+            ``Forwarded`` field, see ``trioproxy.edge.identity``, says it instead).
 
     Returns:
         A new list: ``Host`` first, then the client's other forwardable fields
@@ -270,10 +274,12 @@ def upstream_request_headers(
         out[0] = (b"host", client_host)
     if client_addr.startswith("[") and client_addr.endswith("]"):
         client_addr = client_addr[1:-1]
-    out.append((b"x-forwarded-for", _extend_chain(forwarded_for, client_addr.encode("ascii"))))
-    out.append((b"x-forwarded-proto", scheme.encode("ascii")))
-    if client_host is not None:
-        out.append((b"x-forwarded-host", client_host))
+    if x_forwarded:
+        hop = client_addr.encode("ascii")
+        out.append((b"x-forwarded-for", _extend_chain(forwarded_for, hop)))
+        out.append((b"x-forwarded-proto", scheme.encode("ascii")))
+        if client_host is not None:
+            out.append((b"x-forwarded-host", client_host))
     out.append((b"via", _extend_chain(via_chain, via)))
     out.append((b"x-request-id", request_id))
     return out

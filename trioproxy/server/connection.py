@@ -26,6 +26,7 @@ from collections.abc import Callable
 import trio
 
 from trioproxy.config.model import ServerSettings
+from trioproxy.edge.gate import admit
 from trioproxy.edge.limits import RouteLimits
 from trioproxy.engine import Engine, ExchangeLog
 from trioproxy.errors import (
@@ -112,8 +113,13 @@ class ServerState:
 
 
 class ClientConnection:
-    def __init__(self, stream: trio.abc.Stream, state: ServerState) -> None:
+    def __init__(
+        self, stream: trio.abc.Stream, state: ServerState, *, head_deadline: float | None = None
+    ) -> None:
+        """``head_deadline``: when the first request head must be complete, if the header
+        timeout began before this object (a TLS handshake counts against it)."""
         self.stream = stream
+        self._head_deadline = head_deadline
         self.state = state
         self.protocol: ServerProtocol = state.protocol_factory(state.max_header_size)
         self.client_addr = _peer_host(stream)
@@ -197,6 +203,8 @@ class ClientConnection:
                             waiting.deadline = trio.current_time() + (
                                 state.keepalive_timeout if idle else state.header_timeout
                             )
+                            if first and self._head_deadline is not None:
+                                waiting.deadline = self._head_deadline
                         data = await self._receive()
                     if data and not in_head:
                         in_head = self._in_head = True
@@ -256,12 +264,26 @@ class ClientConnection:
             if route is None:
                 raise NoRoute(head.target.split(b"?", 1)[0].decode("latin-1"))
             record.route = route.name
+            assert snapshot is not None
+            # The rate limits count what the client presented (its key, before the
+            # access rules strip it) under its real IP.
+            presented = head
+            head = admit(
+                head,
+                route,
+                snapshot.identity,
+                peer=self.client_addr,
+                scheme=self.scheme,
+                record=record,
+            )
             self._body_limit = route.max_body_size
             self._check_declared_length(head)
             if route.limits is not None:
                 # Before any upstream is picked: a refused request reaches none.
                 try:
-                    await route.limits.admit(head.headers, self.client_addr, trio.current_time())
+                    await route.limits.admit(
+                        presented.headers, record.client_ip or self.client_addr, trio.current_time()
+                    )
                 except ProxyError:
                     if not self.request_has_body():
                         await self.receive_body()  # its end: the connection stays usable
@@ -271,7 +293,10 @@ class ClientConnection:
             if group is None or route.cors is not None:
                 record.request_id = request_id_from(head.headers) or new_request_id()
                 answer = local_answer(
-                    head, route, client_addr=self.client_addr, request_id=record.request_id
+                    head,
+                    route,
+                    client_addr=record.client_ip or self.client_addr,
+                    request_id=record.request_id,
                 )
                 if answer is not None:
                     return await self._answer_locally(head, answer, record, started)
@@ -500,7 +525,9 @@ class ClientConnection:
             pass
 
     def _access(self, head: RequestHead, record: ExchangeLog, started: float, note: str) -> None:
-        log_exchange(self.client_addr, head, record, time.perf_counter() - started, note)
+        log_exchange(
+            record.client_ip or self.client_addr, head, record, time.perf_counter() - started, note
+        )
 
 
 def _peer_host(stream: trio.abc.Stream) -> str:

@@ -28,10 +28,12 @@ import trio
 
 from trioproxy.admin import AdminApp, serve_admin
 from trioproxy.config.errors import ConfigError
-from trioproxy.config.model import Config
+from trioproxy.config.model import Config, ServerSettings
 from trioproxy.edge.limits import EdgeService
+from trioproxy.edge.redirect import serve_redirect
+from trioproxy.edge.tls import CertificateError, TLSTerminator, handshake
 from trioproxy.engine import Engine
-from trioproxy.server.connection import ClientConnection, ServerState
+from trioproxy.server.connection import ClientConnection, ServerState, _peer_host
 from trioproxy.snapshot import build_snapshot
 from trioproxy.sockets import ACCEPT_BATCH, CAPACITY_ERRNOS, FastSocketStream, ReadyAcceptor
 
@@ -68,6 +70,11 @@ class ProxyServer:
         self.snapshot = build_snapshot(config)
         self.state = ServerState(self.engine)
         self.state.configure(server)
+        #: TLS termination (``[server] tls``), None for plain HTTP.
+        self.tls = TLSTerminator(server.tls) if server.tls is not None else None
+        if self.tls is not None:
+            self.state.scheme = "https"
+        self._redirect_listeners: list[trio.SocketListener] = []
         self._accepting = trio.CancelScope()
         self._stopped = trio.Event()
         self._listeners: list[trio.SocketListener] | None = None
@@ -81,7 +88,17 @@ class ProxyServer:
         if self._listeners is None:
             server = self.config.server
             self._listeners = await trio.open_tcp_listeners(server.port, host=server.host)
+            redirect = server.tls.redirect_http if server.tls is not None else None
+            if redirect is not None:
+                self._redirect_listeners = await trio.open_tcp_listeners(
+                    redirect.port, host=redirect.host or server.host
+                )
         return [_address(listener) for listener in self._listeners]
+
+    @property
+    def scheme(self) -> str:
+        """``https`` with TLS termination, else ``http``."""
+        return self.state.scheme
 
     async def wait_stopped(self) -> None:
         await self._stopped.wait()
@@ -135,12 +152,17 @@ class ProxyServer:
                                     accepting.start_soon(
                                         self._accept_loop, listener, ready, handlers
                                     )
+                                for plain in self._redirect_listeners:
+                                    accepting.start_soon(
+                                        self._redirect_loop, plain, addresses[0][1], handlers
+                                    )
+                                    log.info("redirecting %s to https", format_url(_address(plain)))
                                 task_status.started(addresses)
                     finally:
                         for ready in readies:
                             ready.close()
                     # Draining: no more accepts.
-                    for listener in listeners:
+                    for listener in [*listeners, *self._redirect_listeners]:
                         await trio.aclose_forcefully(listener)
                     log.info(
                         "draining %d connection(s), grace %.1f s",
@@ -151,7 +173,7 @@ class ProxyServer:
                     handlers.cancel_scope.deadline = trio.current_time() + server.grace
                 root.cancel_scope.cancel()
         finally:
-            for listener in listeners:
+            for listener in [*listeners, *self._redirect_listeners]:
                 await trio.aclose_forcefully(listener)
             self._stopped.set()
         log.info("stopped")
@@ -175,13 +197,61 @@ class ProxyServer:
                     continue
                 raise
 
+    async def _redirect_loop(
+        self, listener: trio.SocketListener, https_port: int, handlers: trio.Nursery
+    ) -> None:
+        """``tls.redirect_http``: every connection gets its 308 (trioproxy.edge.redirect)."""
+        while True:
+            try:
+                stream = await listener.accept()
+            except OSError as exc:
+                if exc.errno in CAPACITY_ERRNOS:
+                    log.error("accept: %s; retrying in 100 ms", exc.strerror)
+                    await trio.sleep(0.1)
+                    continue
+                raise
+            handlers.start_soon(self._serve_redirect, stream, https_port)
+
+    async def _serve_redirect(self, stream: trio.SocketStream, https_port: int) -> None:
+        state = self.state
+        try:
+            await serve_redirect(
+                stream,
+                https_port=https_port,
+                header_timeout=state.header_timeout,
+                protocol_factory=state.protocol_factory,
+                max_header_size=state.max_header_size,
+            )
+        finally:
+            await trio.aclose_forcefully(stream)
+
     async def _serve_connection(self, stream: FastSocketStream) -> None:
+        if self.tls is not None:
+            await self._serve_tls(stream, self.tls)
+            return
         try:
             await ClientConnection(stream, self.state).serve()
         except Exception:
             # A bug must cost one connection, not the server: log it for the
             # operator (the client only sees its connection close).
             log.exception("connection handler failed")
+
+    async def _serve_tls(self, stream: FastSocketStream, tls: TLSTerminator) -> None:
+        """The TLS handshake, then the connection; the header timeout runs from the
+        accept to the end of the first request head (see ``trioproxy.edge.tls``)."""
+        deadline = trio.current_time() + self.state.header_timeout
+        try:
+            peer = _peer_host(stream)
+            tls_stream = await handshake(stream, tls.context, deadline=deadline, peer=peer)
+            if tls_stream is None:
+                return
+            connection = ClientConnection(tls_stream, self.state, head_deadline=deadline)
+            connection.client_addr = peer  # (the TLS stream does not say it)
+            await connection.serve()
+        except Exception:
+            log.exception("connection handler failed")
+        finally:
+            await trio.aclose_forcefully(stream)
 
     async def reload(self) -> bool:
         """Read the config again and serve it from the next request on.
@@ -219,6 +289,7 @@ class ProxyServer:
                     old.host,
                     old.port,
                 )
+            self._reload_tls(old, new)
             self.state.configure(new)
             await self.edge.activate(snapshot.edge)
             await engine.activate(snapshot)
@@ -231,6 +302,23 @@ class ProxyServer:
                 len(snapshot.groups),
             )
             return True
+
+    def _reload_tls(self, old: ServerSettings, new: ServerSettings) -> None:
+        """New certificates from the next handshake on; turning TLS on or off, or
+        moving the redirect listener, needs a restart (the log says so)."""
+        if (old.tls is None) != (new.tls is None) or (
+            old.tls is not None
+            and new.tls is not None
+            and old.tls.redirect_http != new.tls.redirect_http
+        ):
+            log.warning("reload: turning TLS or redirect_http on or off needs a restart")
+        if self.tls is not None and new.tls is not None:
+            try:
+                self.tls.reload(new.tls)
+            except CertificateError as exc:  # checked by the loader; changed since
+                log.error("reload: certificates kept, the new ones cannot be used: %s", exc)
+            else:
+                log.info("TLS certificates reloaded")
 
     async def _watch_files(self) -> None:
         """Reload when a watched file changes (polled each second; a burst of
@@ -298,15 +386,15 @@ def _address(listener: trio.SocketListener) -> tuple[str, int]:
     return str(host), int(port)
 
 
-def format_url(address: tuple[str, int]) -> str:
+def format_url(address: tuple[str, int], scheme: str = "http") -> str:
     host, port = address
     if ":" in host:
         host = f"[{host}]"
-    return f"http://{host}:{port}"
+    return f"{scheme}://{host}:{port}"
 
 
-def announce(addresses: Sequence[tuple[str, int]]) -> None:
+def announce(addresses: Sequence[tuple[str, int]], scheme: str = "http") -> None:
     """The one start line scripts read to learn the port; flushed at once."""
-    print(f"listening on {format_url(addresses[0])}", flush=True)
+    print(f"listening on {format_url(addresses[0], scheme)}", flush=True)
     for address in addresses[1:]:
-        log.info("also listening on %s", format_url(address))
+        log.info("also listening on %s", format_url(address, scheme))

@@ -298,6 +298,7 @@ async def serve_websocket(
             preserve_host=group.preserve_host,
             request_id=record.request_id,
             via=via_entry(b"1.1"),
+            x_forwarded=route.x_forwarded,
         )
         if route.headers.request:
             fields = route.headers.request.apply(fields, record.values)
