@@ -36,6 +36,12 @@ from trioproxy.balance.target import TargetSpec
 #: (name, value) pairs, in file order; names lower-case.
 HeaderPairs = tuple[tuple[str, str], ...]
 
+#: The duration histograms' default buckets (seconds): 1 ms to 5 min.
+DEFAULT_BUCKETS = (
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
+    1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0,
+)  # fmt: skip
+
 
 @attrs.frozen(kw_only=True)
 class AdminSettings:
@@ -87,6 +93,16 @@ class ServerSettings:
     headers: HeaderRules = HeaderRules()
     #: Start the two built-in demo upstreams (command line only).
     demo: bool = False
+    #: Prometheus metrics and the LLM stream meter (``false``: neither is kept).
+    metrics: bool = True
+    #: Serve ``/metrics`` at this path on the proxy's own listener too (None: not).
+    metrics_path: str | None = None
+    #: Upper bounds (seconds) of the duration histograms' buckets.
+    metrics_buckets: tuple[float, ...] = DEFAULT_BUCKETS
+    #: The access log's lines: ``text`` or ``json`` (one object per line).
+    log_format: str = "text"
+    #: Write the access log to this file instead of stderr (None: stderr).
+    access_log: str | None = None
 
 
 @attrs.frozen(kw_only=True)
@@ -200,6 +216,17 @@ class RespondSpec:
 
 
 @attrs.frozen(kw_only=True)
+class LlmSpec:
+    """``llm = {...}``: the route carries an LLM API, metered (``trioproxy.observe.llm``)."""
+
+    api: str = "openai"
+    #: The model label's values; others count as ``other`` (empty: the first 32 seen).
+    models: tuple[str, ...] = ()
+    #: ``pass`` or ``inject`` (ask streamed requests for a usage chunk, hide it).
+    include_usage: str = "pass"
+
+
+@attrs.frozen(kw_only=True)
 class RouteSettings:
     """``[routes.NAME]``: exactly one of ``upstream`` and ``respond``."""
 
@@ -218,6 +245,9 @@ class RouteSettings:
     #: ``"package.module:function"``; see ``trioproxy.http.transforms``.
     body_transform: str | None = None
     body_transform_limit: int = 1 << 20
+    #: Answered by the proxy: ``metrics``, ``health`` (of its upstream) or ``ping``.
+    handler: str | None = None
+    llm: LlmSpec | None = None
 
 
 @attrs.frozen(kw_only=True)

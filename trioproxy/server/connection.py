@@ -51,9 +51,12 @@ from trioproxy.http.protocol import (
     ResponseHead,
     ServerProtocol,
 )
+from trioproxy.observe import access
 from trioproxy.observe.access import log_exchange
+from trioproxy.observe.handlers import handler_answer, metrics_answer
 from trioproxy.relay_hub import ClientSink
 from trioproxy.server.websocket import WebSocketSettings, is_websocket_upgrade, serve_websocket
+from trioproxy.snapshot import Route
 from trioproxy.sockets import FastSocketStream, receive_ready, socket_of
 
 log = logging.getLogger("trioproxy.server")
@@ -89,6 +92,8 @@ class ServerState:
         self.draining = False
         self._idle: set[ClientConnection] = set()
         self.open_connections = 0
+        #: ``[server] metrics_path``: the metrics are served there too (None: not).
+        self.metrics_path: bytes | None = None
 
     def configure(self, server: ServerSettings) -> None:
         """Take a reloaded ``[server]`` table's settings (connections read them as
@@ -102,6 +107,9 @@ class ServerState:
             max_message_size=server.ws_max_message_size,
             idle_timeout=server.ws_idle_timeout or None,
         )
+        path = server.metrics_path
+        self.metrics_path = path.encode() if path is not None else None
+        access.set_format(server.log_format)
 
     def drain(self) -> None:
         """Stop keep-alive: idle connections close now, busy ones after their response."""
@@ -244,6 +252,11 @@ class ClientConnection:
         record = ExchangeLog()
         started = time.perf_counter()
         try:
+            if (path := self.state.metrics_path) is not None and (
+                head.target.partition(b"?")[0] == path
+            ):
+                metrics = metrics_answer(self.state.engine.observer)
+                return await self._answer_locally(head, metrics, record, started)
             snapshot = self.state.engine.snapshot
             route = (
                 None
@@ -256,6 +269,9 @@ class ClientConnection:
             self._body_limit = route.max_body_size
             self._check_declared_length(head)
             group = route.group
+            if route.settings.handler is not None:
+                return await self._answer_handler(head, route, record, started)
+            record.group = route.upstream_name
             if group is None or route.cors is not None:
                 record.request_id = request_id_from(head.headers) or new_request_id()
                 answer = local_answer(
@@ -270,16 +286,25 @@ class ClientConnection:
             try:
                 if not is_websocket_upgrade(head):
                     await self.state.engine.handle(head, route, self, record)
-                elif note := await serve_websocket(
-                    head,
-                    self,
-                    record,
-                    route=route,
-                    engine=self.state.engine,
-                    settings=self.state.websocket,
-                ):
-                    self._access(head, record, started, note)
-                    return False  # the tunnel ended: so did the connection
+                else:
+                    tunnels = _tunnel_counts(self.state)
+                    if tunnels is not None:
+                        tunnels[route.name] = tunnels.get(route.name, 0) + 1
+                    try:
+                        note = await serve_websocket(
+                            head,
+                            self,
+                            record,
+                            route=route,
+                            engine=self.state.engine,
+                            settings=self.state.websocket,
+                        )
+                    finally:
+                        if tunnels is not None:
+                            tunnels[route.name] -= 1
+                    if note:
+                        self._access(head, record, started, note)
+                        return False  # the tunnel ended: so did the connection
             finally:
                 group.leave()
         except ClientDisconnected:
@@ -484,8 +509,33 @@ class ClientConnection:
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
             pass
 
+    async def _answer_handler(
+        self, head: RequestHead, route: Route, record: ExchangeLog, started: float
+    ) -> bool:
+        """Answer a ``handler = "..."`` route (metrics, health, ping)."""
+        record.request_id = request_id_from(head.headers) or new_request_id()
+        answer = handler_answer(
+            head,
+            route,
+            observer=self.state.engine.observer,
+            now=trio.current_time(),
+            client_addr=self.client_addr,
+            request_id=record.request_id,
+            process_time=time.perf_counter() - started,
+        )
+        return await self._answer_locally(head, answer, record, started)
+
     def _access(self, head: RequestHead, record: ExchangeLog, started: float, note: str) -> None:
-        log_exchange(self.client_addr, head, record, time.perf_counter() - started, note)
+        duration = time.perf_counter() - started
+        record.bytes_in = self._body_received
+        observer = self.state.engine.observer
+        llm = observer.end(head.method, record, duration) if observer is not None else None
+        log_exchange(self.client_addr, head, record, duration, note, llm)
+
+
+def _tunnel_counts(state: ServerState) -> dict[str, int] | None:
+    observer = state.engine.observer
+    return observer.tunnels if observer is not None else None
 
 
 def _peer_host(stream: trio.abc.Stream) -> str:

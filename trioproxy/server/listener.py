@@ -30,6 +30,7 @@ from trioproxy.admin import AdminApp, serve_admin
 from trioproxy.config.errors import ConfigError
 from trioproxy.config.model import Config
 from trioproxy.engine import Engine
+from trioproxy.observe.observer import Observer
 from trioproxy.server.connection import ClientConnection, ServerState
 from trioproxy.snapshot import build_snapshot
 from trioproxy.sockets import ACCEPT_BATCH, CAPACITY_ERRNOS, FastSocketStream, ReadyAcceptor
@@ -65,6 +66,16 @@ class ProxyServer:
         self.snapshot = build_snapshot(config)
         self.state = ServerState(self.engine)
         self.state.configure(server)
+        if server.metrics:
+            # The engine's observer: metrics (with gauges read from the live
+            # snapshot and this listener when scraped) and the LLM meter.
+            engine = self.engine
+            observer = engine.observer = Observer(server)
+            observer.bind(
+                lambda: engine.snapshot,
+                lambda: engine.current_time(),
+                lambda: {"proxy": self.state.open_connections},
+            )
         self._accepting = trio.CancelScope()
         self._stopped = trio.Event()
         self._listeners: list[trio.SocketListener] | None = None
@@ -204,6 +215,8 @@ class ProxyServer:
                 more = f" (and {len(lines) - 1} more)" if len(lines) > 1 else ""
                 engine.config_error = f"{lines[0]}{more}"
                 log.error("reload refused, the config in use stays: %s", engine.config_error)
+                if engine.observer is not None:
+                    engine.observer.reloaded(None, ok=False)
                 return False
             old, new = self.config.server, config.server
             if (old.host, old.port) != (new.host, new.port):
@@ -218,6 +231,8 @@ class ProxyServer:
             await engine.activate(snapshot)
             self.config = config
             engine.config_error = None
+            if engine.observer is not None:
+                engine.observer.reloaded(snapshot, ok=True)
             log.info(
                 "config reloaded (generation %d): %d routes, %d upstream groups",
                 generation,
