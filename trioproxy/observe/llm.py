@@ -261,10 +261,13 @@ class SseMeter:
         buffer = self._pending + data if self._pending else data
         kept: list[bytes] = []
         start = 0
+        dropped = False
         for match in _EVENT_END.finditer(buffer):
             event = buffer[start : match.end()]
             start = match.end()
-            if not self._usage_only(event, now):
+            if self._usage_only(event, now):
+                dropped = True
+            else:
                 kept.append(event)
         self._pending = buffer[start:]
         if len(self._pending) > MAX_PENDING:
@@ -273,8 +276,8 @@ class SseMeter:
             self._pending = b""
             self.hide_usage = False
             self.overflow = True
-        if len(kept) == 1 and start == len(buffer) and buffer is data:
-            return data
+        if not dropped and start == len(buffer) and buffer is data:
+            return data  # whole events, none hidden: the chunk as it came
         return b"".join(kept)
 
     def _usage_only(self, event: bytes, now: float) -> bool:
