@@ -17,6 +17,7 @@ from pathlib import Path
 import httpx
 import pytest
 import trio
+import trio_websocket
 import upstream_app
 from e2e.metrics_helpers import Scrape, parse, scrape
 from fixtures import ProxyProcess, run_proxy, serve_asgi
@@ -381,3 +382,45 @@ async def test_metrics_off(nursery: trio.Nursery, http_client: httpx.AsyncClient
         response = await http_client.get(f"{proxy.url}/metrics")
     assert response.status_code == 404
     assert "metrics are off" in response.text
+
+
+async def test_retries_and_websocket_tunnels_are_counted(
+    tmp_path: Path, nursery: trio.Nursery, http_client: httpx.AsyncClient
+) -> None:
+    good = await serve_asgi(upstream_app.app, nursery)
+    refused = f"http://127.0.0.1:{closed_port()}"
+    config = write(
+        tmp_path / "trioproxy.toml",
+        f"""
+        [server]
+        metrics_path = "/metrics"
+        [upstreams.api]
+        servers = ["{refused}", "{good}"]
+        health = false
+        passive = {{ eject_after = 0 }}
+        breaker = {{ failures = 0 }}
+        retry = {{ attempts = 1, budget = 1.0 }}
+        [routes.api]
+        upstream = "api"
+        """,
+    )
+    async with run_proxy("--config", config) as proxy:
+        # Round robin: one of every two requests tries the refusing server first,
+        # then goes to the other.
+        for _ in range(4):
+            assert (await http_client.get(f"{proxy.url}/")).status_code == 200
+        ws_url = proxy.url.replace("http://", "ws://") + "/ws"
+        async with trio_websocket.open_websocket_url(ws_url) as ws:
+            await ws.send_message("hello")
+            assert await ws.get_message() == "hello"
+            during = await scrape(http_client, f"{proxy.url}/metrics")
+        # The tunnel's end is the proxy's to see, just after the client's close.
+        await wait_for(
+            http_client,
+            f"{proxy.url}/metrics",
+            "the closed tunnel is no longer counted",
+            lambda s: s.get("trioproxy_websocket_tunnels", -1, route="api") == 0,
+            within=5,
+        )
+    assert during.value("trioproxy_retries_total", route="api", upstream="api") == 2
+    assert during.value("trioproxy_websocket_tunnels", route="api") == 1
