@@ -24,6 +24,12 @@ of a back end that runs on the load core:
     scenario's paths are requested under ``/shop``, where the measured route serves
     them (rewritten to the back end's ``/v1/``). It joins only the scenarios made
     for it (``routes-64``, the smoke run's ``smoke-routes-16``).
+``trioproxy-nometrics``
+    ``trioproxy`` with ``--no-metrics``: no Prometheus metrics and no LLM stream meter
+    (``trioproxy`` has both, as by default). ``trioproxy / trioproxy-nometrics`` is
+    their cost (issue 14: >= 0.90 of small-GET req/s, <= 1 ms added to the p99 of an
+    LLM token stream's events). It joins ``get-small-16``, ``get-small-64`` and
+    ``sse-llm-1000`` only.
 ``trioproxy-baseline``
     ``trioproxy`` run from another source tree (``--baseline-src DIR``), in the same
     run: ``trioproxy / trioproxy-baseline`` is what the commits between them changed.
@@ -162,7 +168,7 @@ def _velithon(site: Site) -> Launch:
 
 
 def _trioproxy(
-    http: str, *, gateway: bool = False, baseline: bool = False
+    http: str, *, gateway: bool = False, baseline: bool = False, metrics: bool = True
 ) -> Callable[[Site], Launch]:
     def launch(site: Site) -> Launch:
         if gateway:
@@ -190,6 +196,7 @@ def _trioproxy(
                 # 257 and up; nginx has no cap, and the peers' caps are their defaults.
                 "--max-connections-per-upstream",
                 "4096",
+                *([] if metrics else ["--no-metrics"]),
             ],
             # ``python -m`` puts the working directory first on sys.path.
             cwd=src,
@@ -225,6 +232,13 @@ CONTENDERS: dict[str, Contender] = {
             scenarios=frozenset({"routes-64", "smoke-routes-16"}),
         ),
         Contender(
+            "trioproxy-nometrics",
+            frozenset(),
+            _trioproxy("auto", metrics=False),
+            no_websocket=None,
+            scenarios=frozenset({"get-small-16", "get-small-64", "sse-llm-1000"}),
+        ),
+        Contender(
             "trioproxy-baseline",
             frozenset(),
             _trioproxy("auto", baseline=True),
@@ -235,4 +249,11 @@ CONTENDERS: dict[str, Contender] = {
 
 #: The contenders every ratio is taken for, and the ones they are taken against.
 OURS = ("trioproxy", "trioproxy-h11", "trioproxy-50routes")
-PEERS = ("nginx", "fastapi-reverse-proxy", "velithon", "direct", "trioproxy-baseline")
+PEERS = (
+    "nginx",
+    "fastapi-reverse-proxy",
+    "velithon",
+    "direct",
+    "trioproxy-baseline",
+    "trioproxy-nometrics",
+)

@@ -20,7 +20,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import attrs
 import trio
@@ -231,14 +231,24 @@ class SseScenario(Scenario):
 
     streams: int = 1000
     ready_timeout: float = 15.0
+    #: ``POST`` to an OpenAI endpoint with a chat request: LLM token streams.
+    openai: bool = False
 
     def measure(self, ctx: Context) -> Metrics:
+        extra: dict[str, Any] = {}
+        if self.openai:
+            extra = {
+                "method": "POST",
+                "path": "/v1/chat/completions",
+                "body": b'{"model":"bench","stream":true,"messages":[]}',
+            }
         result = loadgen.sse_fanout(
             ctx.port,
             streams=self.streams,
             duration=ctx.duration,
             ready_timeout=self.ready_timeout,
             on_start=ctx.watch.restart_cpu,
+            **extra,
         )
         cpu = ctx.watch.cpu_share()
         if result.errors:
@@ -266,6 +276,8 @@ class SseScenario(Scenario):
             "p99_ms": result.p99_ms,
             "max_ms": result.max_ms,
             "cpu": cpu,
+            # The contender's CPU time per event relayed (cpu is its share of a core).
+            "cpu_us_event": cpu / result.events_s * 1e6,
         }
 
 
@@ -356,6 +368,12 @@ SCENARIOS: dict[str, Scenario] = {
         SseScenario(
             "sse-1000", "SSE fan-out, 1000 streams", "sse", "events_s", "events/s",
             (("p99_ms", False),), streams=1000,
+        ),
+        SseScenario(
+            "sse-llm-1000", "LLM token streams (OpenAI chunks), 1000 streams", "sse",
+            "events_s", "events/s", (("p99_ms", False), ("cpu_us_event", False)),
+            contenders=frozenset({"direct", "trioproxy", "trioproxy-nometrics"}),
+            streams=1000, openai=True,
         ),
     )
 }  # fmt: skip
