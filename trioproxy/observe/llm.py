@@ -45,6 +45,14 @@ OTHER = "other"
 UNKNOWN = "unknown"
 
 _EVENT_END = re.compile(rb"\r?\n\r?\n")
+#: A chunk carries text: a non-empty string under one of these keys, or tool calls.
+#: Matched on the bytes (an escaped key inside a string value has a backslash
+#: before its closing quote, so it does not match), which costs a tenth of parsing
+#: the JSON; only a chunk with a ``usage`` object is parsed.
+_CONTENT = re.compile(
+    rb'"(?:content|text|reasoning_content|reasoning)"\s*:\s*"(?!")|"tool_calls"\s*:\s*\[\s*\{'
+)
+_USAGE = re.compile(rb'"usage"\s*:\s*\{')
 
 
 def openai_endpoint(method: bytes, target: bytes) -> bytes | None:
@@ -233,10 +241,18 @@ class SseMeter:
 
     def _data(self, payload: bytes, now: float) -> bool:
         """Account one ``data:`` payload; True if it is the usage chunk alone."""
-        if payload == b"[DONE]":
-            self.done = True
-            return False
         if not payload.startswith(b"{"):
+            if payload == b"[DONE]":
+                self.done = True
+            return False
+        if b'"usage"' not in payload or _USAGE.search(payload) is None:
+            # The common case, a token: no JSON parsing. The compact form servers
+            # write is found with a substring search, the rest with the regex.
+            at = payload.find(b'"content":"')
+            if (at >= 0 and payload[at + 11 : at + 12] != b'"') or (
+                at < 0 and _CONTENT.search(payload) is not None
+            ):
+                self._content(now)
             return False
         try:
             document = json.loads(payload)
@@ -245,15 +261,18 @@ class SseMeter:
         if not isinstance(document, dict):
             return False
         if _has_content(document):
-            self.content_events += 1
-            if self.first_content_at is None:
-                self.first_content_at = now
-            self.last_content_at = now
+            self._content(now)
         usage = _usage(document)
         if usage is None:
             return False
         self.usage = usage
         return document.get("choices") == []
+
+    def _content(self, now: float) -> None:
+        self.content_events += 1
+        if self.first_content_at is None:
+            self.first_content_at = now
+        self.last_content_at = now
 
     # --- hide the usage chunk: pass whole events, cut that one out ----------------
 
