@@ -28,8 +28,8 @@ of a back end that runs on the load core:
     ``trioproxy`` with ``--no-metrics``: no Prometheus metrics and no LLM stream meter
     (``trioproxy`` has both, as by default). ``trioproxy / trioproxy-nometrics`` is
     their cost (issue 14: >= 0.90 of small-GET req/s, <= 1 ms added to the p99 of an
-    LLM token stream's events). It joins ``get-small-16``, ``get-small-64`` and
-    ``sse-llm-1000`` only.
+    LLM token stream's events). It joins ``get-small-16``, ``get-small-64``,
+    ``sse-llm-1000`` and ``sse-llm-100`` only.
 ``trioproxy-baseline``
     ``trioproxy`` run from another source tree (``--baseline-src DIR``), in the same
     run: ``trioproxy / trioproxy-baseline`` is what the commits between them changed.
@@ -236,7 +236,7 @@ CONTENDERS: dict[str, Contender] = {
             frozenset(),
             _trioproxy("auto", metrics=False),
             no_websocket=None,
-            scenarios=frozenset({"get-small-16", "get-small-64", "sse-llm-1000"}),
+            scenarios=frozenset({"get-small-16", "get-small-64", "sse-llm-1000", "sse-llm-100"}),
         ),
         Contender(
             "trioproxy-baseline",

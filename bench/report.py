@@ -307,17 +307,18 @@ def targets(
         "trioproxy-nometrics",
         lambda v: v >= 0.9,
     )
-    if "sse-llm-1000" in scenario_names:
-        out.append(_meter_event_target(summary.get("sse-llm-1000", {})))
+    for name in ("sse-llm-1000", "sse-llm-100"):
+        if name in scenario_names:
+            out.append(_meter_event_target(name, summary.get(name, {})))
     if "ws-echo" in scenario_names or "ws-echo-1" in scenario_names:
         out.extend(_websocket_targets(summary.get("ws-echo", {}), summary.get("ws-echo-1", {})))
     return out  # fmt: skip
 
 
-def _meter_event_target(cells: dict[str, Cell]) -> Target:
-    """The LLM meter's cost per event: the p99 of 1000 token streams' events with it,
+def _meter_event_target(scenario: str, cells: dict[str, Cell]) -> Target:
+    """The LLM meter's cost per event: the p99 of the token streams' events with it,
     less without it (medians), <= 1 ms."""
-    text = "LLM meter: <= 1 ms added to the p99 of token stream events (sse-llm-1000)"
+    text = f"LLM meter: <= 1 ms added to the p99 of token stream events ({scenario})"
     on, off = cells.get("trioproxy"), cells.get("trioproxy-nometrics")
     if on is None or off is None or on.status != OK or off.status != OK:
         return Target(text, "not measured (see the table)", None)

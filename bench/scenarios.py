@@ -375,6 +375,12 @@ SCENARIOS: dict[str, Scenario] = {
             contenders=frozenset({"direct", "trioproxy", "trioproxy-nometrics"}),
             streams=1000, openai=True,
         ),
+        SseScenario(
+            "sse-llm-100", "LLM token streams (OpenAI chunks), 100 streams", "sse",
+            "events_s", "events/s", (("p99_ms", False), ("cpu_us_event", False)),
+            contenders=frozenset({"direct", "trioproxy", "trioproxy-nometrics"}),
+            streams=100, openai=True,
+        ),
     )
 }  # fmt: skip
 
