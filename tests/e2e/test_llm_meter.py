@@ -48,6 +48,9 @@ class StubLLM:
     set, it resets the connection instead of finishing the stream."""
 
     cut_after: int | None = None
+    #: Send the stream with a Content-Length instead of chunked (the engine relays a
+    #: body of known length on the exchange's own task, not the stream hub).
+    content_length: bool = False
     requests: list[dict[str, Any]] = attrs.Factory(list)
     #: monotonic time each request's body was read, and each token was sent.
     received_at: list[float] = attrs.Factory(list)
@@ -96,29 +99,41 @@ class StubLLM:
                 b"connection: close\r\ncontent-length: %d\r\n\r\n" % len(reply) + reply
             )
             return
+        events: list[bytes] = []
+        for i in range(TOKENS):
+            delta = {"content": f"t{i} "} if i else {"role": "assistant", "content": "t0 "}
+            choice = {"index": 0, "delta": delta, "finish_reason": None}
+            events.append(_event({**base, "choices": [choice], "usage": None}))
+        final = {**base, "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}
+        tail = [_event({**final, "usage": None})]
+        if (request.get("stream_options") or {}).get("include_usage"):
+            tail.append(_event({**base, "choices": [], "usage": usage}))
+        tail.append(b"data: [DONE]\n\n")
+        if self.content_length:
+            size = sum(map(len, events + tail))
+            framing = b"content-length: %d\r\n" % size
+            frame = bytes
+        else:
+            framing = b"transfer-encoding: chunked\r\n"
+            frame = _chunk
         await stream.send_all(
             b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
-            b"cache-control: no-cache\r\nconnection: close\r\ntransfer-encoding: chunked\r\n\r\n"
+            b"cache-control: no-cache\r\nconnection: close\r\n" + framing + b"\r\n"
         )
         sent: list[float] = []
         self.sent_at.append(sent)
         await trio.sleep(FIRST_TOKEN_AFTER)
-        for i in range(TOKENS):
+        for i, data in enumerate(events):
             if i:
                 await trio.sleep(TOKEN_INTERVAL)
             if self.cut_after is not None and i == self.cut_after:
                 await reset(stream)
                 return
-            delta = {"content": f"t{i} "} if i else {"role": "assistant", "content": "t0 "}
-            choice = {"index": 0, "delta": delta, "finish_reason": None}
-            document = {**base, "choices": [choice], "usage": None}
             sent.append(time.monotonic())
-            await stream.send_all(_chunk(_event(document)))
-        final = {**base, "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}
-        await stream.send_all(_chunk(_event({**final, "usage": None})))
-        if (request.get("stream_options") or {}).get("include_usage"):
-            await stream.send_all(_chunk(_event({**base, "choices": [], "usage": usage})))
-        await stream.send_all(_chunk(b"data: [DONE]\n\n") + b"0\r\n\r\n")
+            await stream.send_all(frame(data))
+        await stream.send_all(
+            b"".join(map(frame, tail)) + (b"" if self.content_length else b"0\r\n\r\n")
+        )
 
 
 async def start_stub(nursery: trio.Nursery, **kwargs: Any) -> StubLLM:
@@ -331,3 +346,29 @@ async def test_a_plain_reply_is_metered_from_its_usage(
         )
         == 1
     )
+
+
+async def test_a_stream_of_known_length_is_metered_on_the_exchanges_own_task(
+    tmp_path: Path, nursery: trio.Nursery, http_client: httpx.AsyncClient
+) -> None:
+    """A body with a Content-Length is relayed by the exchange's task, not the hub:
+    the meter sees it there too, and hiding the usage chunk drops the length (the
+    client gets it chunked)."""
+    stub = await start_stub(nursery, content_length=True)
+    async with run_proxy("--config", config(tmp_path, stub.url), "--log-level", "debug") as proxy:
+        with trio.fail_after(20):
+            got = await trio.to_thread.run_sync(stream_chat, f"{proxy.url}/v1", "model-cl", True)
+        assert got.usage is not None and got.contents == [f"t{i} " for i in range(TOKENS)]
+        assert_each_event_within_10ms(stub.sent_at[0], got.received_at)
+        with trio.fail_after(20):
+            hidden = await trio.to_thread.run_sync(
+                stream_chat, f"{proxy.url}/inject/v1", "model-cl", None
+            )
+        assert hidden.usage is None and hidden.chunks == TOKENS + 1
+        after = await scrape(http_client, f"{proxy.url}/metrics")
+        assert "relayed by the hub" not in await proxy.settled_stderr()
+    for route in ("plain", "inject"):
+        assert llm(after, "trioproxy_llm_tokens_total", route, "model-cl", type="output") == 50
+        assert llm(after, "trioproxy_llm_tokens_total", route, "model-cl", type="input") == 7
+        ttft = llm(after, "trioproxy_llm_time_to_first_token_seconds_sum", route, "model-cl")
+        assert 0.30 <= ttft < 1.0, ttft

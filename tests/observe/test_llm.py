@@ -126,3 +126,14 @@ def test_model_labels_are_bounded() -> None:
     assert labels.label(None) == "unknown"
     assert labels.label("gpt-x", ("gpt-x", "gpt-y")) == "gpt-x"
     assert labels.label("model-3", ("gpt-x", "gpt-y")) == "other"
+
+
+def test_keys_inside_string_values_are_not_content() -> None:
+    meter = SseMeter()
+    quoted = json.dumps({"note": '"content":"not a token", "text": "nor this"'})
+    chunk = b'data: {"choices":[{"delta":{"content":null}}],"extra":' + quoted.encode() + b"}\n\n"
+    meter.feed(chunk, 0.0)
+    meter.feed(event({"choices": [{"logprobs": {"content": [{"token": "x"}]}}]}), 0.0)
+    assert meter.content_events == 0
+    meter.feed(event({"choices": [{"delta": {"content": " spaced"}}]}), 0.0)
+    assert meter.content_events == 1

@@ -21,7 +21,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 import trio
 
@@ -286,25 +286,20 @@ class ClientConnection:
             try:
                 if not is_websocket_upgrade(head):
                     await self.state.engine.handle(head, route, self, record)
-                else:
-                    tunnels = _tunnel_counts(self.state)
-                    if tunnels is not None:
-                        tunnels[route.name] = tunnels.get(route.name, 0) + 1
-                    try:
-                        note = await serve_websocket(
-                            head,
-                            self,
-                            record,
-                            route=route,
-                            engine=self.state.engine,
-                            settings=self.state.websocket,
-                        )
-                    finally:
-                        if tunnels is not None:
-                            tunnels[route.name] -= 1
-                    if note:
-                        self._access(head, record, started, note)
-                        return False  # the tunnel ended: so did the connection
+                elif note := await _counted_tunnel(
+                    self.state,
+                    route.name,
+                    serve_websocket(
+                        head,
+                        self,
+                        record,
+                        route=route,
+                        engine=self.state.engine,
+                        settings=self.state.websocket,
+                    ),
+                ):
+                    self._access(head, record, started, note)
+                    return False  # the tunnel ended: so did the connection
             finally:
                 group.leave()
         except ClientDisconnected:
@@ -533,9 +528,19 @@ class ClientConnection:
         log_exchange(self.client_addr, head, record, duration, note, llm)
 
 
-def _tunnel_counts(state: ServerState) -> dict[str, int] | None:
+async def _counted_tunnel(
+    state: ServerState, route: str, tunnel: Awaitable[str | None]
+) -> str | None:
+    """Await a WebSocket tunnel, counted open on its route meanwhile (for metrics)."""
     observer = state.engine.observer
-    return observer.tunnels if observer is not None else None
+    if observer is None:
+        return await tunnel
+    tunnels = observer.tunnels
+    tunnels[route] = tunnels.get(route, 0) + 1
+    try:
+        return await tunnel
+    finally:
+        tunnels[route] -= 1
 
 
 def _peer_host(stream: trio.abc.Stream) -> str:
