@@ -27,7 +27,7 @@ from trioproxy.config import ConfigError
 from trioproxy.config.load import CliValue, ConfigSources, load_config
 from trioproxy.config.model import AdminSettings, Config, ServerSettings, UpstreamGroup
 from trioproxy.config.values import HEALTH_METHODS, HTTP_PARSERS, LOG_LEVELS
-from trioproxy.observe import log_output
+from trioproxy.observe import access, log_output
 from trioproxy.snapshot import build_snapshot
 from trioproxy.upstream.origin import UpstreamURL
 
@@ -653,6 +653,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         sys.exit(0)
     log_format = "%(asctime)s %(levelname)s %(name)s: %(message)s"
     log_output.install(config.server.log_level, log_format)
+    access.set_format(config.server.log_format)
     try:
         log_output.install_access(config.server.access_log, config.server.log_format, log_format)
     except OSError as exc:

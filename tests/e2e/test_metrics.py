@@ -330,6 +330,8 @@ async def test_reload_drops_removed_routes_and_counts_reloads(
             r"\[routes\.other\].*?(?=\[routes\.broken\])", "", good, flags=re.DOTALL
         )
         assert "[routes.other]" not in without_other
+        # New buckets too: a restart applies those, and the log says so.
+        without_other = without_other.replace('"500ms", "5m"', '"1s"')
         await path.write_text(without_other)
         proxy.process.send_signal(signal.SIGHUP)
         reloaded = await wait_for(
@@ -346,6 +348,15 @@ async def test_reload_drops_removed_routes_and_counts_reloads(
             == 1
         )
         assert reloaded.value("trioproxy_config_last_reload_success_timestamp_seconds") > stamp
+        bounds = {
+            dict(labels)["le"]
+            for labels in reloaded.matching(
+                "trioproxy_request_duration_seconds_bucket", route="api"
+            )
+        }
+        assert bounds == {"0.005", "0.05", "0.5", "300.0", "+Inf"}
+        with trio.fail_after(5):
+            await proxy.wait_for_stderr("are taken at start; a restart applies the new ones")
         assert (await http_client.get(f"{proxy.url}/other/")).status_code == 404
 
 

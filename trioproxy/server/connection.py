@@ -51,7 +51,6 @@ from trioproxy.http.protocol import (
     ResponseHead,
     ServerProtocol,
 )
-from trioproxy.observe import access
 from trioproxy.observe.access import log_exchange
 from trioproxy.observe.handlers import handler_answer, metrics_answer
 from trioproxy.relay_hub import ClientSink
@@ -109,7 +108,6 @@ class ServerState:
         )
         path = server.metrics_path
         self.metrics_path = path.encode() if path is not None else None
-        access.set_format(server.log_format)
 
     def drain(self) -> None:
         """Stop keep-alive: idle connections close now, busy ones after their response."""

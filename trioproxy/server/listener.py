@@ -28,7 +28,7 @@ import trio
 
 from trioproxy.admin import AdminApp, serve_admin
 from trioproxy.config.errors import ConfigError
-from trioproxy.config.model import Config
+from trioproxy.config.model import Config, ServerSettings
 from trioproxy.engine import Engine
 from trioproxy.observe.observer import Observer
 from trioproxy.server.connection import ClientConnection, ServerState
@@ -227,6 +227,11 @@ class ProxyServer:
                     old.host,
                     old.port,
                 )
+            if _observing(old) != _observing(new):
+                log.warning(
+                    "reload: metrics, metrics_buckets, log_format and access_log are taken "
+                    "at start; a restart applies the new ones"
+                )
             self.state.configure(new)
             await engine.activate(snapshot)
             self.config = config
@@ -287,6 +292,11 @@ class ProxyServer:
             return
         log.info("received %s, draining", name)
         self.shutdown()
+
+
+def _observing(server: ServerSettings) -> tuple[object, ...]:
+    """The ``[server]`` keys of metrics and logs that a reload cannot change."""
+    return (server.metrics, server.metrics_buckets, server.log_format, server.access_log)
 
 
 def _stamps(paths: Sequence[str]) -> list[tuple[int, int] | None]:
