@@ -294,6 +294,18 @@ async def test_openai_client_streams_through_the_meter(
             )
         assert got.usage is not None and got.usage.prompt_tokens == PROMPT_TOKENS
 
+        # Every LLM family has samples now.
+        names = {name for name, _ in after.samples}
+        for family in (
+            "trioproxy_llm_time_to_first_token_seconds",
+            "trioproxy_llm_time_per_output_token_seconds",
+            "trioproxy_llm_output_tokens_per_second",
+            "trioproxy_llm_tokens_total",
+            "trioproxy_llm_requests_total",
+            "trioproxy_llm_usage_missing_total",
+        ):
+            assert any(name.startswith(family) for name in names), family
+
         # The stream went through the stream hub's relay, and the meter saw it there.
         assert "relayed by the hub" in await proxy.settled_stderr()
 

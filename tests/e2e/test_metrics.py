@@ -162,6 +162,12 @@ async def test_counts_labels_and_live_gauges(
             assert (await http_client.get(f"{proxy.url}/broken/")).status_code in (502, 503)
 
         before = await scrape(http_client, metrics)
+        # Every family of the issue is exposed (the LLM ones without samples until an
+        # LLM request: tests/e2e/test_llm_meter.py checks those).
+        assert before.families >= FAMILIES, FAMILIES - before.families
+        with_samples = {name for name, _ in before.samples}
+        for family in FAMILIES - {f for f in FAMILIES if "_llm_" in f}:
+            assert any(name.startswith(family) for name in with_samples), family
         # Counts match the requests sent, per route, method and code.
         assert (
             before.value(
