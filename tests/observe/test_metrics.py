@@ -68,3 +68,17 @@ def test_a_reload_drops_the_series_of_removed_routes_only() -> None:
         )
         == 2
     )
+
+
+def test_random_methods_add_neither_series_nor_cache_entries() -> None:
+    metrics = Metrics()
+    for i in range(1000):
+        metrics.observe_exchange(f"M{i}".encode(), exchange(status=405), 0.01, None)
+    series = metrics.series("users", "api")
+    assert list(series.requests) == [("other", 405)]
+    scrape = parse(metrics.exposition().decode())
+    assert scrape.matching("trioproxy_requests_total") == {
+        frozenset(
+            {"route": "users", "upstream": "api", "method": "other", "code": "405"}.items()
+        ): 1000
+    }

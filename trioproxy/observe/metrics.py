@@ -95,8 +95,8 @@ class _RouteSeries:
         self.retries = metrics.child(metrics.retries, route, group)
         self.request_bytes = metrics.child(metrics.request_bytes, route)
         self.response_bytes = metrics.child(metrics.response_bytes, route)
-        #: (method, status) → trioproxy_requests_total's child.
-        self.requests: dict[tuple[bytes, int], Any] = {}
+        #: (method label, status) → trioproxy_requests_total's child.
+        self.requests: dict[tuple[str, int], Any] = {}
         #: (server URL, endpoint) → the seed families' children (duration, ttfb).
         self.seed: dict[tuple[str, str], tuple[Any, Any]] = {}
 
@@ -252,12 +252,14 @@ class Metrics:
         if route == "-":
             route = ""
         series = self.series(route, record.group)
-        key = (method, record.status)
+        # Keyed by the label, not the bytes: h11 takes any token as a method, and
+        # the cache must stay as bounded as the series.
+        key = (_METHODS.get(method, "other"), record.status)
         counter = series.requests.get(key)
         if counter is None:
             self._owner = (route, record.group)
             counter = series.requests[key] = self.child(
-                self.requests, route, record.group, method_label(method), str(record.status)
+                self.requests, route, record.group, key[0], str(record.status)
             )
         counter.inc()
         series.duration.observe(duration)
