@@ -346,7 +346,15 @@ async def test_a_plain_reply_is_metered_from_its_usage(
                 f"{proxy.url}/inference/v1/chat/completions",
                 json={"model": "model-json", "messages": [{"role": "user", "content": PROMPT}]},
             )
-        assert response.json()["usage"]["completion_tokens"] == TOKENS
+            assert response.json()["usage"]["completion_tokens"] == TOKENS
+            # Other paths of an LLM route: the seed's endpoint is the route's name,
+            # never the path (random paths add no series).
+            for i in range(5):
+                response = await client.post(
+                    f"{proxy.url}/inject/v1/other/{i}",
+                    json={"model": "model-json", "messages": []},
+                )
+                assert response.status_code == 200
         after = await scrape(http_client, f"{proxy.url}/metrics")
     assert llm(after, "trioproxy_llm_requests_total", "plain", "model-json", stream="false") == 1
     assert llm(after, "trioproxy_llm_tokens_total", "plain", "model-json", type="output") == 50
@@ -358,6 +366,10 @@ async def test_a_plain_reply_is_metered_from_its_usage(
         )
         == 1
     )
+    assert after.value("time_to_first_byte_seconds_count", url=stub.url, endpoint="inject") == 5
+    endpoints = {dict(k)["endpoint"] for k in after.matching("request_duration_seconds_count")}
+    assert endpoints == {"/v1/chat/completions", "inject"}, endpoints
+    assert llm(after, "trioproxy_llm_tokens_total", "inject", "model-json", type="output") == 250
 
 
 async def test_a_stream_of_known_length_is_metered_on_the_exchanges_own_task(

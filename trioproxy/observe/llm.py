@@ -68,15 +68,6 @@ def openai_endpoint(method: bytes, target: bytes) -> bytes | None:
     return None
 
 
-def endpoint_of(target: bytes) -> bytes:
-    """The OpenAI endpoint path in ``target`` if it has one, else the path."""
-    path = target.partition(b"?")[0].rstrip(b"/")
-    for endpoint in OPENAI_ENDPOINTS:
-        if path.endswith(endpoint):
-            return endpoint
-    return path or b"/"
-
-
 @attrs.define
 class ModelLabels:
     """The ``model`` label's values, bounded: the configured names, else the first

@@ -23,7 +23,7 @@ import attrs
 
 from trioproxy.config.model import LlmSpec, ServerSettings
 from trioproxy.http.protocol import RequestHead
-from trioproxy.observe.llm import ModelLabels, endpoint_of, openai_endpoint
+from trioproxy.observe.llm import ModelLabels, openai_endpoint
 from trioproxy.observe.meter import LlmMeter
 from trioproxy.observe.metrics import LiveCollector, Metrics
 
@@ -85,17 +85,19 @@ class Observer:
     def start(self, request: RequestHead, route: Route, record: ExchangeLog) -> LlmMeter | None:
         """At the request head: the meter for an LLM request, or None."""
         spec = route.settings.llm
+        found = openai_endpoint(request.method, request.target)
         if spec is not None:
             if request.method != b"POST":
                 return None
-            endpoint = endpoint_of(request.target)
+            # Another path of an LLM route is named by the route, never by the path
+            # (a label value from the request would be unbounded).
+            endpoint = found.decode() if found is not None else route.name
+        elif found is None:
+            return None
         else:
-            found = openai_endpoint(request.method, request.target)
-            if found is None:
-                return None
-            endpoint, spec = found, _DEFAULT_LLM
+            endpoint, spec = found.decode(), _DEFAULT_LLM
         meter = LlmMeter(
-            endpoint.decode("latin-1"),
+            endpoint,
             inject=spec.include_usage == "inject",
             models=spec.models,
             now=self._now,
