@@ -29,6 +29,12 @@ of a back end that runs on the load core:
     ``--certfile``/``--keyfile``) with the same certificate (a trustme CA's
     ECDSA P-256 leaf for 127.0.0.1, written into the measurement's directory);
     their back end is plain http. They join only the TLS scenarios.
+``trioproxy-nometrics``
+    ``trioproxy`` with ``--no-metrics``: no Prometheus metrics and no LLM stream meter
+    (``trioproxy`` has both, as by default). ``trioproxy / trioproxy-nometrics`` is
+    their cost (issue 14: >= 0.90 of small-GET req/s, <= 1 ms added to the p99 of an
+    LLM token stream's events). It joins ``get-small-16``, ``get-small-64``,
+    ``sse-llm-1000`` and ``sse-llm-100`` only.
 ``trioproxy-baseline``
     ``trioproxy`` run from another source tree (``--baseline-src DIR``), in the same
     run: ``trioproxy / trioproxy-baseline`` is what the commits between them changed.
@@ -197,7 +203,12 @@ def _velithon(site: Site) -> Launch:
 
 
 def _trioproxy(
-    http: str, *, gateway: bool = False, baseline: bool = False, tls: bool = False
+    http: str,
+    *,
+    gateway: bool = False,
+    baseline: bool = False,
+    tls: bool = False,
+    metrics: bool = True,
 ) -> Callable[[Site], Launch]:
     def launch(site: Site) -> Launch:
         if gateway:
@@ -228,6 +239,7 @@ def _trioproxy(
                 # 257 and up; nginx has no cap, and the peers' caps are their defaults.
                 "--max-connections-per-upstream",
                 "4096",
+                *([] if metrics else ["--no-metrics"]),
             ],
             # ``python -m`` puts the working directory first on sys.path.
             cwd=src,
@@ -266,6 +278,13 @@ CONTENDERS: dict[str, Contender] = {
             scenarios=frozenset({"routes-64", "smoke-routes-16"}),
         ),
         Contender(
+            "trioproxy-nometrics",
+            frozenset(),
+            _trioproxy("auto", metrics=False),
+            no_websocket=None,
+            scenarios=frozenset({"get-small-16", "get-small-64", "sse-llm-1000", "sse-llm-100"}),
+        ),
+        Contender(
             "trioproxy-baseline",
             frozenset(),
             _trioproxy("auto", baseline=True),
@@ -298,4 +317,5 @@ PEERS = (
     "direct",
     "trioproxy-baseline",
     "nginx-tls",
+    "trioproxy-nometrics",
 )

@@ -299,9 +299,38 @@ def targets(
         lambda v: v <= 20.0,
         floor="direct",
     )
+    by_ratio(
+        "metrics + LLM meter: small GET 64 conns req/s >= 90% of them off",
+        g64,
+        "req_s",
+        "trioproxy",
+        "trioproxy-nometrics",
+        lambda v: v >= 0.9,
+    )
+    for name in ("sse-llm-1000", "sse-llm-100"):
+        if name in scenario_names:
+            out.append(_meter_event_target(name, summary.get(name, {})))
     if "ws-echo" in scenario_names or "ws-echo-1" in scenario_names:
         out.extend(_websocket_targets(summary.get("ws-echo", {}), summary.get("ws-echo-1", {})))
     return out  # fmt: skip
+
+
+def _meter_event_target(scenario: str, cells: dict[str, Cell]) -> Target:
+    """The LLM meter's cost per event: the p99 of the token streams' events with it,
+    less without it (medians), <= 1 ms."""
+    text = f"LLM meter: <= 1 ms added to the p99 of token stream events ({scenario})"
+    on, off = cells.get("trioproxy"), cells.get("trioproxy-nometrics")
+    if on is None or off is None or on.status != OK or off.status != OK:
+        return Target(text, "not measured (see the table)", None)
+    added = on.metrics["p99_ms"].median - off.metrics["p99_ms"].median
+    measured = (
+        f"p99 {fmt_num(on.metrics['p99_ms'].median)} ms on, "
+        f"{fmt_num(off.metrics['p99_ms'].median)} ms off: {fmt_num(added)} ms added"
+    )
+    cpu_on, cpu_off = on.metrics.get("cpu_us_event"), off.metrics.get("cpu_us_event")
+    if cpu_on is not None and cpu_off is not None:
+        measured += f"; CPU {fmt_num(cpu_on.median)} vs {fmt_num(cpu_off.median)} µs/event"
+    return Target(text, measured, added <= 1.0)
 
 
 def _websocket_targets(many: dict[str, Cell], one: dict[str, Cell]) -> list[Target]:

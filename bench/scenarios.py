@@ -20,7 +20,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import attrs
 import trio
@@ -243,14 +243,24 @@ class SseScenario(Scenario):
 
     streams: int = 1000
     ready_timeout: float = 15.0
+    #: ``POST`` to an OpenAI endpoint with a chat request: LLM token streams.
+    openai: bool = False
 
     def measure(self, ctx: Context) -> Metrics:
+        extra: dict[str, Any] = {}
+        if self.openai:
+            extra = {
+                "method": "POST",
+                "path": "/v1/chat/completions",
+                "body": b'{"model":"bench","stream":true,"messages":[]}',
+            }
         result = loadgen.sse_fanout(
             ctx.port,
             streams=self.streams,
             duration=ctx.duration,
             ready_timeout=self.ready_timeout,
             on_start=ctx.watch.restart_cpu,
+            **extra,
         )
         cpu = ctx.watch.cpu_share()
         if result.errors:
@@ -278,6 +288,8 @@ class SseScenario(Scenario):
             "p99_ms": result.p99_ms,
             "max_ms": result.max_ms,
             "cpu": cpu,
+            # The contender's CPU time per event relayed (cpu is its share of a core).
+            "cpu_us_event": cpu / result.events_s * 1e6,
         }
 
 
@@ -382,6 +394,18 @@ SCENARIOS: dict[str, Scenario] = {
             "tls-handshake-16", "small GET (100 B), 16 conns, a new connection per request",
             "http", "req_s", "req/s", _TLS_COMPARED, contenders=_TLS_PAIRS, path="/small",
             connections=16, close=True,
+        ),
+        SseScenario(
+            "sse-llm-1000", "LLM token streams (OpenAI chunks), 1000 streams", "sse",
+            "events_s", "events/s", (("p99_ms", False), ("cpu_us_event", False)),
+            contenders=frozenset({"direct", "trioproxy", "trioproxy-nometrics"}),
+            streams=1000, openai=True,
+        ),
+        SseScenario(
+            "sse-llm-100", "LLM token streams (OpenAI chunks), 100 streams", "sse",
+            "events_s", "events/s", (("p99_ms", False), ("cpu_us_event", False)),
+            contenders=frozenset({"direct", "trioproxy", "trioproxy-nometrics"}),
+            streams=100, openai=True,
         ),
     )
 }  # fmt: skip

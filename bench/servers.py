@@ -6,11 +6,13 @@
     ``/upload`` (reads the whole request body, then answers ``ok``), ``/ready``. Used by
     ``--smoke`` so that it needs no nginx.
 ``sse``
-    ``/sse`` is an endless ``text/event-stream``. Every ``--interval`` seconds one event
-    is written to every open stream in a burst (fan-out), each carrying the
-    ``time.monotonic_ns()`` of its own write, so a client on the same machine can tell
-    the latency from the upstream write to its own read (CLOCK_MONOTONIC is
-    system-wide). A bare selector loop, not trio: see :func:`serve_sse`.
+    ``/sse`` is an endless ``text/event-stream`` (and so is a ``POST`` to
+    ``.../v1/chat/completions``, whose events are OpenAI chat completion chunks).
+    Every ``--interval`` seconds one event is written to every open stream in a
+    burst (fan-out), each carrying the ``time.monotonic_ns()`` of its own write, so
+    a client on the same machine can tell the latency from the upstream write to
+    its own read (CLOCK_MONOTONIC is system-wide). A bare selector loop, not trio:
+    see :func:`serve_sse`.
 ``ws``
     A WebSocket echo server (wsproto) on any path; a request that is not an upgrade gets
     a plain ``200 ok`` (that is the readiness probe).
@@ -145,6 +147,8 @@ class _SseStream:
         self.streaming = False
         self.pending = bytearray()
         self.opened = now
+        #: Events are OpenAI chat completion chunks (``POST .../v1/chat/completions``).
+        self.openai = False
 
 
 def serve_sse(port: int, interval: float) -> None:
@@ -233,6 +237,13 @@ def serve_sse(port: int, interval: float) -> None:
                 if conn.head.startswith(b"GET /sse"):
                     conn.streaming = True
                     send(conn, _SSE_HEAD)
+                elif (
+                    conn.head.startswith(b"POST ")
+                    and b"/v1/chat/completions " in (conn.head.split(b"\r\n", 1)[0])
+                ):
+                    # An OpenAI-style token stream (the request body is not read).
+                    conn.streaming = conn.openai = True
+                    send(conn, _SSE_HEAD)
                 else:
                     head_only = conn.head.startswith(b"HEAD ")
                     send(conn, _response(200, b"ok\n", close=True, head_only=head_only))
@@ -251,9 +262,20 @@ def serve_sse(port: int, interval: float) -> None:
                 if conn.sock in streams:
                     close(conn)
                 continue
-            event = b"data: %d %d\n\n" % (seq, time.monotonic_ns())
+            if conn.openai:
+                event = _OPENAI_EVENT % (seq, time.monotonic_ns())
+            else:
+                event = b"data: %d %d\n\n" % (seq, time.monotonic_ns())
             send(conn, b"%x\r\n%s\r\n" % (len(event), event))
 
+
+#: A chat completion chunk carrying one token, with the sequence number and the
+#: monotonic time of its write in ``bench`` (the load generator reads them there).
+_OPENAI_EVENT = (
+    b'data: {"id":"chatcmpl-bench","object":"chat.completion.chunk","model":"bench",'
+    b'"choices":[{"index":0,"delta":{"content":" token"},"finish_reason":null}],'
+    b'"bench":"%d %d"}\n\n'
+)
 
 _SSE_HEAD = (
     b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"

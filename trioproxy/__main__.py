@@ -27,7 +27,7 @@ from trioproxy.config import ConfigError
 from trioproxy.config.load import CliValue, ConfigSources, load_config
 from trioproxy.config.model import AdminSettings, Config, ServerSettings, UpstreamGroup
 from trioproxy.config.values import HEALTH_METHODS, HTTP_PARSERS, LOG_LEVELS
-from trioproxy.observe import log_output
+from trioproxy.observe import access, log_output
 from trioproxy.snapshot import build_snapshot
 from trioproxy.upstream.origin import UpstreamURL
 
@@ -461,6 +461,46 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="FILE",
         help="the private key (PEM) of --certfile",
     )
+    observe = parser.add_argument_group("metrics and logs")
+    flag(
+        observe,
+        "--metrics-path",
+        ("server", "metrics_path"),
+        metavar="PATH",
+        help="also serve the Prometheus metrics at PATH on the proxy's own port, e.g. "
+        "/metrics (always at /metrics on the admin port; default: not on the proxy port)",
+    )
+    flag(
+        observe,
+        "--no-metrics",
+        ("server", "metrics"),
+        action="store_const",
+        const=False,
+        help="keep no metrics and do not meter LLM streams",
+    )
+    flag(
+        observe,
+        "--metrics-buckets",
+        ("server", "metrics_buckets"),
+        metavar="S,S,...",
+        help="bucket bounds of the duration histograms, in seconds (default: 0.001 ... 300)",
+    )
+    flag(
+        observe,
+        "--log-format",
+        ("server", "log_format"),
+        metavar="{text,json}",
+        help=f"access log lines: text, or json (one object per line) "
+        f"(default: {_SERVER.log_format})",
+    )
+    flag(
+        observe,
+        "--access-log",
+        ("server", "access_log"),
+        metavar="PATH",
+        help="append the access log to this file instead of stderr; it never makes the "
+        "proxy wait (default: stderr)",
+    )
     websocket = parser.add_argument_group("WebSocket tunnels")
     flag(
         websocket,
@@ -626,7 +666,17 @@ def main(argv: Sequence[str] | None = None) -> None:
     if getattr(args, "check_config", False):
         print(summary(config))
         sys.exit(0)
-    log_output.install(config.server.log_level, "%(asctime)s %(levelname)s %(name)s: %(message)s")
+    log_format = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+    log_output.install(config.server.log_level, log_format)
+    access.set_format(config.server.log_format)
+    try:
+        log_output.install_access(config.server.access_log, config.server.log_format, log_format)
+    except OSError as exc:
+        print(
+            f"--access-log: cannot open {config.server.access_log!r}: {exc.strerror}",
+            file=sys.stderr,
+        )
+        sys.exit(2)
     status = 0
     try:
         status = trio.run(_main, config, sources)

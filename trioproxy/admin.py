@@ -7,7 +7,8 @@ says otherwise, because ``/status`` tells the layout of the upstreams.
   requests, else 503 (for a load balancer or orchestrator in front of us);
 * ``GET /ping`` → ``pong`` (the process is alive);
 * ``GET /status`` → JSON with every target's health, last and EWMA latency,
-  in-flight count, open tunnels, breaker state and counters.
+  in-flight count, open tunnels, breaker state and counters;
+* ``GET /metrics`` → the Prometheus metrics (``trioproxy.observe.metrics``).
 
 One request per connection: admin traffic is rare and tiny.
 """
@@ -23,6 +24,7 @@ from trioproxy.engine import Engine
 from trioproxy.errors import ProxyError
 from trioproxy.http.h11_impl import H11Server
 from trioproxy.http.protocol import NEED_DATA, RequestHead, ResponseHead
+from trioproxy.observe.handlers import metrics_answer
 
 log = logging.getLogger("trioproxy.admin")
 
@@ -41,6 +43,9 @@ class AdminApp:
         now = trio.current_time()
         if path == b"/ping":
             return 200, b"text/plain; charset=utf-8", b"pong\n"
+        if path == b"/metrics":
+            answer = metrics_answer(self.engine.observer)
+            return answer.status, answer.headers[0][1], answer.body
         snapshot = self.engine.snapshot
         groups = snapshot.groups if snapshot is not None else {}
         if path == b"/health":

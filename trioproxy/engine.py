@@ -41,7 +41,7 @@ from __future__ import annotations
 import logging
 import random
 from collections.abc import Callable
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import attrs
 import trio
@@ -91,6 +91,10 @@ from trioproxy.snapshot import Route, Snapshot
 from trioproxy.sockets import FastSocketStream
 from trioproxy.upstream.connection import UpstreamConnection
 from trioproxy.upstream.origin import Origin
+
+if TYPE_CHECKING:
+    from trioproxy.observe.meter import LlmMeter
+    from trioproxy.observe.observer import Observer
 
 log = logging.getLogger("trioproxy.engine")
 
@@ -146,6 +150,14 @@ class ExchangeLog:
     #: The real client IP when the front end resolved one (``trioproxy.edge.identity``);
     #: empty: the peer address is the client's.
     client_ip: str = ""
+    #: The route's upstream group ("" for an answer the proxy made).
+    group: str = ""
+    #: Attempts beyond the first.
+    retries: int = 0
+    #: Request body bytes received from the client.
+    bytes_in: int = 0
+    #: The LLM stream meter, when the exchange is an LLM request (see trioproxy.observe).
+    llm: LlmMeter | None = None
 
 
 @attrs.define
@@ -262,6 +274,8 @@ class Engine:
     #: Why the last reload was refused (None after a good one), for ``/status``.
     config_error: str | None = None
     _nursery: trio.Nursery | None = None
+    #: Metrics and the LLM meter (trioproxy.observe.observer); None: off.
+    observer: Observer | None = None
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Serve until cancelled; the groups' pools are closed on the way out."""
@@ -345,6 +359,11 @@ class Engine:
             request = self.prepare_request(request, route, downstream.client_addr, record)
             if route.body_transform is not None and downstream.request_has_body():
                 request, downstream = await _transform_body(request, route, downstream)
+        if (observer := self.observer) is not None and (
+            meter := observer.start(request, route, record)
+        ) is not None:
+            # An LLM request: the meter sees the request body and each response chunk.
+            request, downstream = await meter.attach(request, downstream)
         policy = group.retry
         budget = group.budget
         balancer = group.balancer
@@ -360,6 +379,7 @@ class Engine:
                 if not budget.can_retry(now) or not balancer.has_candidate(now, exclude=tried):
                     break
                 budget.record_retry(now)
+                record.retries += 1
                 # Back off first, then pick: the choice (and a breaker's trial
                 # slot) is made when the request really goes out.
                 await trio.sleep(policy.backoff(attempt - 1, self.rng))

@@ -95,6 +95,11 @@ class Route:
     def name(self) -> str:
         return self.settings.name
 
+    @property
+    def upstream_name(self) -> str:
+        """Its upstream group's name ("" when the proxy answers itself)."""
+        return self.group.name if self.group is not None else ""
+
     def template_values(
         self, request: RequestHead, client_addr: str, request_id: bytes
     ) -> TemplateValues | None:

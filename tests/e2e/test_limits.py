@@ -8,7 +8,6 @@ few milliseconds, well inside the 100 ms the test allows them.
 
 from __future__ import annotations
 
-import json
 import math
 import re
 import subprocess
@@ -23,11 +22,10 @@ import trio
 import trio_websocket
 import upstream_app
 from e2e.conftest import RawConnection, RawResponse
+from e2e.metrics_helpers import admin_scrape, admin_status
 from fixtures import REPO_ROOT, ProxyProcess, raw_request, run_proxy, serve_asgi
 
 pytestmark = pytest.mark.timeout(60)
-
-_ADMIN = re.compile(r"admin listening on http://([\d.]+):(\d+)")
 
 
 class CountingApp:
@@ -63,17 +61,6 @@ async def get(proxy: ProxyProcess, path: str, source: str = "127.0.0.1") -> RawR
         return await connection.read_response(within=10)
     finally:
         await connection.aclose()
-
-
-async def admin_status(proxy: ProxyProcess) -> dict[str, Any]:
-    with trio.fail_after(5):
-        log = await proxy.wait_for_stderr("admin listening on")
-    match = _ADMIN.search(log)
-    assert match, log
-    raw = await raw_request(
-        match[1], int(match[2]), b"GET /status HTTP/1.1\r\nHost: a\r\n\r\n", read_timeout=2
-    )
-    return json.loads(raw.partition(b"\r\n\r\n")[2])  # type: ignore[no-any-return]
 
 
 async def burst(proxy: ProxyProcess, path: str, n: int) -> tuple[list[RawResponse], float]:
@@ -143,6 +130,9 @@ async def test_local_rate_limit_burst_wait_and_other_keys(
         status = await admin_status(proxy)
         assert status["limits"]["routes"]["limited"]["rejected"] == statuses[429]
         assert status["limits"]["memory"]["keys"] == 2
+        metrics = await admin_scrape(proxy)
+        rejected = metrics.value("trioproxy_ratelimit_rejected_total", route="limited")
+        assert rejected == statuses[429]
 
 
 async def test_a_refused_request_keeps_its_connection(

@@ -4,22 +4,18 @@ passes traffic and counts the errors, ``"deny"`` answers 503."""
 
 from __future__ import annotations
 
-import json
-import re
 import textwrap
 from collections import Counter
 from pathlib import Path
-from typing import Any
 
 import pytest
 import trio
 import upstream_app
+from e2e.metrics_helpers import admin_scrape, admin_status
 from fixtures import ProxyProcess, raw_request, run_proxy, serve_asgi
 from redis_server import run_redis
 
 pytestmark = pytest.mark.timeout(60)
-
-_ADMIN = re.compile(r"admin listening on http://([\d.]+):(\d+)")
 
 
 def write_config(tmp_path: Path, name: str, text: str) -> str:
@@ -35,17 +31,6 @@ async def status_of(proxy: ProxyProcess, path: str = "/echo") -> int:
         f"GET {path} HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n".encode(),
     )
     return int(raw.split(b" ", 2)[1])
-
-
-async def admin_status(proxy: ProxyProcess) -> dict[str, Any]:
-    with trio.fail_after(5):
-        log = await proxy.wait_for_stderr("admin listening on")
-    match = _ADMIN.search(log)
-    assert match, log
-    raw = await raw_request(
-        match[1], int(match[2]), b"GET /status HTTP/1.1\r\nHost: a\r\n\r\n", read_timeout=2
-    )
-    return json.loads(raw.partition(b"\r\n\r\n")[2])  # type: ignore[no-any-return]
 
 
 def config_text(upstream: str, redis_url: str, on_store_error: str = "allow") -> str:
@@ -89,6 +74,8 @@ async def test_redis_down_allow_passes_and_counts(tmp_path: Path, nursery: trio.
             assert [await status_of(proxy) for _ in range(10)] == [200] * 10
             status = await admin_status(proxy)
             assert status["limits"]["redis"]["store_errors"] == 10
+            metrics = await admin_scrape(proxy)
+            assert metrics.value("trioproxy_ratelimit_store_errors_total") == 10
             assert status["limits"]["redis"]["healthy"] is False
             log = await proxy.settled_stderr()
             assert log.count("rate limit store") == 1, log

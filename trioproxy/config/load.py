@@ -60,6 +60,7 @@ from trioproxy.config.model import (
     Config,
     CorsSpec,
     HeaderRules,
+    LlmSpec,
     MatchSpec,
     PassiveSettings,
     PoolSettings,
@@ -149,6 +150,11 @@ SERVER = Table(
         "trusted_proxies": v.cidrs,
         "forwarded": v.forwarded_mode,
         "tls": SERVER_TLS,
+        "metrics": v.boolean,
+        "metrics_path": v.url_path,
+        "metrics_buckets": v.buckets,
+        "log_format": v.log_format,
+        "access_log": v.text,
     }
 )
 HEALTH = Table(
@@ -235,6 +241,7 @@ AUTH = Table(
         "forward_key": v.boolean,
     }
 )
+LLM = Table({"api": v.llm_api, "models": v.model_names, "include_usage": v.include_usage})
 ROUTE = Table(
     {
         "upstream": v.text,
@@ -253,6 +260,8 @@ ROUTE = Table(
         "allow": v.cidrs,
         "deny": v.cidrs,
         "auth": AUTH,
+        "handler": v.handler,
+        "llm": LLM,
     }
 )
 FILE = Table({"server": SERVER, "upstreams": Named(GROUP), "routes": Named(ROUTE)})
@@ -663,8 +672,16 @@ def _route(b: _Builder, name: str, groups: Sequence[str]) -> RouteSettings:
     respond = _optional(b, (*path, "respond"), RESPOND, RespondSpec)
     rewrite = _optional(b, (*path, "rewrite"), REWRITE, RewriteSpec)
     cors = _optional(b, (*path, "cors"), CORS, CorsSpec)
+    llm = _optional(b, (*path, "llm"), LLM, LlmSpec)
     has_upstream = b.get((*path, "upstream")) is not None
-    if has_upstream == (b.get((*path, "respond")) is not None):
+    handler = fields.get("handler")
+    if handler is not None:
+        # metrics and ping need no upstream; health tells of the one it names.
+        if b.get((*path, "respond")) is not None:
+            b.fail((*path, "handler"), 'cannot be combined with "respond"')
+        if handler == "health" and not has_upstream:
+            b.fail((*path, "handler"), '"health" needs "upstream", the group it tells of')
+    elif has_upstream == (b.get((*path, "respond")) is not None):
         b.fail(path, 'needs exactly one of "upstream" and "respond"')
     upstream = fields.get("upstream")
     if upstream is not None and upstream not in groups:
@@ -688,6 +705,7 @@ def _route(b: _Builder, name: str, groups: Sequence[str]) -> RouteSettings:
         respond=respond,
         rewrite=rewrite,
         cors=cors,
+        llm=llm,
         match=MatchSpec(**b.fields((*path, "match"), MATCH)),
         headers=HeaderRules(**b.fields((*path, "headers"), HEADERS)),
         timeouts=RouteTimeouts(**b.fields((*path, "timeouts"), TIMEOUTS)),

@@ -38,6 +38,12 @@ from trioproxy.balance.target import TargetSpec
 #: (name, value) pairs, in file order; names lower-case.
 HeaderPairs = tuple[tuple[str, str], ...]
 
+#: The duration histograms' default buckets (seconds): 1 ms to 5 min.
+DEFAULT_BUCKETS = (
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
+    1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0,
+)  # fmt: skip
+
 
 @attrs.frozen(kw_only=True)
 class AdminSettings:
@@ -155,6 +161,16 @@ class ServerSettings:
     forwarded: str = "x-forwarded"
     #: TLS termination; None: plain HTTP.
     tls: ServerTLS | None = None
+    #: Prometheus metrics and the LLM stream meter (``false``: neither is kept).
+    metrics: bool = True
+    #: Serve ``/metrics`` at this path on the proxy's own listener too (None: not).
+    metrics_path: str | None = None
+    #: Upper bounds (seconds) of the duration histograms' buckets.
+    metrics_buckets: tuple[float, ...] = DEFAULT_BUCKETS
+    #: The access log's lines: ``text`` or ``json`` (one object per line).
+    log_format: str = "text"
+    #: Write the access log to this file instead of stderr (None: stderr).
+    access_log: str | None = None
 
 
 @attrs.frozen(kw_only=True)
@@ -286,6 +302,17 @@ class AuthSpec:
 
 
 @attrs.frozen(kw_only=True)
+class LlmSpec:
+    """``llm = {...}``: the route carries an LLM API, metered (``trioproxy.observe.llm``)."""
+
+    api: str = "openai"
+    #: The model label's values; others count as ``other`` (empty: the first 32 seen).
+    models: tuple[str, ...] = ()
+    #: ``pass`` or ``inject`` (ask streamed requests for a usage chunk, hide it).
+    include_usage: str = "pass"
+
+
+@attrs.frozen(kw_only=True)
 class RouteSettings:
     """``[routes.NAME]``: exactly one of ``upstream`` and ``respond``."""
 
@@ -313,6 +340,9 @@ class RouteSettings:
     allow: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
     deny: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
     auth: AuthSpec | None = None
+    #: Answered by the proxy: ``metrics``, ``health`` (of its upstream) or ``ping``.
+    handler: str | None = None
+    llm: LlmSpec | None = None
 
 
 @attrs.frozen(kw_only=True)

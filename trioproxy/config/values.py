@@ -15,6 +15,7 @@ with a binary multiple (``"64k"``, ``"10m"``, ``"1g"``; ``"64KiB"`` too).
 from __future__ import annotations
 
 import ipaddress
+import itertools
 import json
 import math
 import re
@@ -681,3 +682,31 @@ def redirect_http(value: object) -> RedirectHTTP:
         return RedirectHTTP(port=port(value))
     except Invalid:
         raise Invalid(f'must be a port or "host:port", got {show(value)}') from None
+
+
+# --- observability ------------------------------------------------------------------
+
+LOG_FORMATS = ("text", "json")
+HANDLERS = ("metrics", "health", "ping")
+log_format = choice(LOG_FORMATS)
+handler = choice(HANDLERS)
+llm_api = choice(("openai",))
+include_usage = choice(("pass", "inject"))
+
+
+def buckets(value: object) -> tuple[float, ...]:
+    """Histogram bucket bounds: durations in increasing order (``[0.01, "1s", "5m"]``;
+    from text ``0.01,1,300``)."""
+    if isinstance(value, str):
+        value = [word for word in _LIST_SPLIT.split(value.strip()) if word]
+    bounds = _each(value, positive_duration)
+    if not bounds:
+        raise Invalid("must list at least one bucket")
+    if any(b <= a for a, b in itertools.pairwise(bounds)):
+        raise Invalid(f"must be in increasing order, got {show(value)}")
+    return bounds
+
+
+def model_names(value: object) -> tuple[str, ...]:
+    """``llm.models``: model names, each a non-empty string."""
+    return _each(value, text)

@@ -149,3 +149,28 @@ def install(level: str, fmt: str) -> logging.Handler:
     handler.setFormatter(logging.Formatter(fmt))
     logging.basicConfig(level=level.upper(), handlers=[handler], force=True)
     return handler
+
+
+def install_access(path: str | None, log_format: str, fmt: str) -> logging.Handler | None:
+    """Give the access log (``trioproxy.access``) a handler of its own when it goes to
+    a file (``--access-log PATH``, appended to) or is JSON (one object per line, with
+    no prefix); None when it simply follows the root logger.
+
+    The file is written as stderr is, by a :class:`QueuedStderrHandler`: a slow disk
+    costs dropped lines (counted in the file), never a waiting proxy.
+
+    Raises:
+        OSError: the file cannot be opened for appending.
+    """
+    if path is None and log_format != "json":
+        return None
+    if path is None:
+        fd = sys.stderr.fileno()
+    else:
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    handler = QueuedStderrHandler(fd)
+    handler.setFormatter(logging.Formatter("%(message)s" if log_format == "json" else fmt))
+    logger = logging.getLogger("trioproxy.access")
+    logger.addHandler(handler)
+    logger.propagate = False
+    return handler

@@ -21,7 +21,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 import trio
 
@@ -54,8 +54,10 @@ from trioproxy.http.protocol import (
     ServerProtocol,
 )
 from trioproxy.observe.access import log_exchange
+from trioproxy.observe.handlers import handler_answer, metrics_answer
 from trioproxy.relay_hub import ClientSink
 from trioproxy.server.websocket import WebSocketSettings, is_websocket_upgrade, serve_websocket
+from trioproxy.snapshot import Route
 from trioproxy.sockets import FastSocketStream, receive_ready, socket_of
 
 log = logging.getLogger("trioproxy.server")
@@ -91,6 +93,8 @@ class ServerState:
         self.draining = False
         self._idle: set[ClientConnection] = set()
         self.open_connections = 0
+        #: ``[server] metrics_path``: the metrics are served there too (None: not).
+        self.metrics_path: bytes | None = None
 
     def configure(self, server: ServerSettings) -> None:
         """Take a reloaded ``[server]`` table's settings (connections read them as
@@ -104,6 +108,8 @@ class ServerState:
             max_message_size=server.ws_max_message_size,
             idle_timeout=server.ws_idle_timeout or None,
         )
+        path = server.metrics_path
+        self.metrics_path = path.encode() if path is not None else None
 
     def drain(self) -> None:
         """Stop keep-alive: idle connections close now, busy ones after their response."""
@@ -255,6 +261,11 @@ class ClientConnection:
         # The route's limits once they admitted this request (released at its end).
         admitted: RouteLimits | None = None
         try:
+            if (path := self.state.metrics_path) is not None and (
+                head.target.partition(b"?")[0] == path
+            ):
+                metrics = metrics_answer(self.state.engine.observer)
+                return await self._answer_locally(head, metrics, record, started)
             snapshot = self.state.engine.snapshot
             route = (
                 None
@@ -290,6 +301,9 @@ class ClientConnection:
                     raise
                 admitted = route.limits
             group = route.group
+            if route.settings.handler is not None:
+                return await self._answer_handler(head, route, record, started)
+            record.group = route.upstream_name
             if group is None or route.cors is not None:
                 record.request_id = request_id_from(head.headers) or new_request_id()
                 answer = local_answer(
@@ -307,13 +321,17 @@ class ClientConnection:
             try:
                 if not is_websocket_upgrade(head):
                     await self.state.engine.handle(head, route, self, record)
-                elif note := await serve_websocket(
-                    head,
-                    self,
-                    record,
-                    route=route,
-                    engine=self.state.engine,
-                    settings=self.state.websocket,
+                elif note := await _counted_tunnel(
+                    self.state,
+                    route.name,
+                    serve_websocket(
+                        head,
+                        self,
+                        record,
+                        route=route,
+                        engine=self.state.engine,
+                        settings=self.state.websocket,
+                    ),
                 ):
                     self._access(head, record, started, note)
                     return False  # the tunnel ended: so did the connection
@@ -524,10 +542,43 @@ class ClientConnection:
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
             pass
 
-    def _access(self, head: RequestHead, record: ExchangeLog, started: float, note: str) -> None:
-        log_exchange(
-            record.client_ip or self.client_addr, head, record, time.perf_counter() - started, note
+    async def _answer_handler(
+        self, head: RequestHead, route: Route, record: ExchangeLog, started: float
+    ) -> bool:
+        """Answer a ``handler = "..."`` route (metrics, health, ping)."""
+        record.request_id = request_id_from(head.headers) or new_request_id()
+        answer = handler_answer(
+            head,
+            route,
+            observer=self.state.engine.observer,
+            now=trio.current_time(),
+            client_addr=self.client_addr,
+            request_id=record.request_id,
+            process_time=time.perf_counter() - started,
         )
+        return await self._answer_locally(head, answer, record, started)
+
+    def _access(self, head: RequestHead, record: ExchangeLog, started: float, note: str) -> None:
+        duration = time.perf_counter() - started
+        record.bytes_in = self._body_received
+        observer = self.state.engine.observer
+        llm = observer.end(head.method, record, duration) if observer is not None else None
+        log_exchange(record.client_ip or self.client_addr, head, record, duration, note, llm)
+
+
+async def _counted_tunnel(
+    state: ServerState, route: str, tunnel: Awaitable[str | None]
+) -> str | None:
+    """Await a WebSocket tunnel, counted open on its route meanwhile (for metrics)."""
+    observer = state.engine.observer
+    if observer is None:
+        return await tunnel
+    tunnels = observer.tunnels
+    tunnels[route] = tunnels.get(route, 0) + 1
+    try:
+        return await tunnel
+    finally:
+        tunnels[route] -= 1
 
 
 def _peer_host(stream: trio.abc.Stream) -> str:

@@ -33,6 +33,7 @@ from trioproxy.edge.limits import EdgeService
 from trioproxy.edge.redirect import serve_redirect
 from trioproxy.edge.tls import CertificateError, TLSTerminator, handshake
 from trioproxy.engine import Engine
+from trioproxy.observe.observer import Observer
 from trioproxy.server.connection import ClientConnection, ServerState, _peer_host
 from trioproxy.snapshot import build_snapshot
 from trioproxy.sockets import ACCEPT_BATCH, CAPACITY_ERRNOS, FastSocketStream, ReadyAcceptor
@@ -75,6 +76,16 @@ class ProxyServer:
         if self.tls is not None:
             self.state.scheme = "https"
         self._redirect_listeners: list[trio.SocketListener] = []
+        if server.metrics:
+            # The engine's observer: metrics (with gauges read from the live
+            # snapshot and this listener when scraped) and the LLM meter.
+            engine = self.engine
+            observer = engine.observer = Observer(server)
+            observer.bind(
+                lambda: engine.snapshot,
+                lambda: engine.current_time(),
+                lambda: {"proxy": self.state.open_connections},
+            )
         self._accepting = trio.CancelScope()
         self._stopped = trio.Event()
         self._listeners: list[trio.SocketListener] | None = None
@@ -279,6 +290,8 @@ class ProxyServer:
                 more = f" (and {len(lines) - 1} more)" if len(lines) > 1 else ""
                 engine.config_error = f"{lines[0]}{more}"
                 log.error("reload refused, the config in use stays: %s", engine.config_error)
+                if engine.observer is not None:
+                    engine.observer.reloaded(None, ok=False)
                 return False
             old, new = self.config.server, config.server
             if (old.host, old.port) != (new.host, new.port):
@@ -290,11 +303,18 @@ class ProxyServer:
                     old.port,
                 )
             self._reload_tls(old, new)
+            if _observing(old) != _observing(new):
+                log.warning(
+                    "reload: metrics, metrics_buckets, log_format and access_log are taken "
+                    "at start; a restart applies the new ones"
+                )
             self.state.configure(new)
             await self.edge.activate(snapshot.edge)
             await engine.activate(snapshot)
             self.config = config
             engine.config_error = None
+            if engine.observer is not None:
+                engine.observer.reloaded(snapshot, ok=True)
             log.info(
                 "config reloaded (generation %d): %d routes, %d upstream groups",
                 generation,
@@ -366,6 +386,11 @@ class ProxyServer:
             return
         log.info("received %s, draining", name)
         self.shutdown()
+
+
+def _observing(server: ServerSettings) -> tuple[object, ...]:
+    """The ``[server]`` keys of metrics and logs that a reload cannot change."""
+    return (server.metrics, server.metrics_buckets, server.log_format, server.access_log)
 
 
 def _stamps(paths: Sequence[str]) -> list[tuple[int, int] | None]:
