@@ -88,6 +88,7 @@ from trioproxy.http.transforms import (
     run_body_transform,
 )
 from trioproxy.relay_hub import ClientSink, HubStream, StreamHub
+from trioproxy.relay_hub import supported as hub_supported
 from trioproxy.snapshot import Route, Snapshot
 from trioproxy.sockets import FastSocketStream
 from trioproxy.upstream.connection import UpstreamConnection
@@ -294,7 +295,9 @@ class Engine:
     current_time: Callable[[], float] = trio.current_time
     #: The snapshot new requests are routed on.
     snapshot: Snapshot | None = None
-    #: Whether ``run`` starts the stream hub (off where it cannot run).
+    #: Whether ``run`` starts the stream hub; it also stays off where the platform
+    #: cannot run it (no ``select.epoll``: macOS, Windows), and every body is then
+    #: relayed by its exchange's own task.
     use_hub: bool = True
     #: Why the last reload was refused (None after a good one), for ``/status``.
     config_error: str | None = None
@@ -309,7 +312,7 @@ class Engine:
         self.current_time = trio.lowlevel.current_clock().current_time
         try:
             async with trio.open_nursery() as nursery:
-                if self.use_hub:
+                if self.use_hub and hub_supported():
                     # Streamed response bodies are relayed by this one task (see
                     # trioproxy/relay_hub.py); it outlives every exchange.
                     hub = StreamHub()
