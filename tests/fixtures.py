@@ -355,6 +355,10 @@ async def run_asgi_proxy(
             "127.0.0.1:0",
             "--error-logfile",
             "/dev/stdout",
+            # Serve in this process (no worker child): its pid is the one whose
+            # descriptors and memory the tests read, and SIGTERM reaches it.
+            "--workers",
+            "0",
             *hypercorn_args,
             "trioproxy.asgi:app",
         ]
