@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import signal
 import ssl
 import sys
 from pathlib import Path
@@ -230,3 +231,48 @@ async def test_proxy_pass_failures_are_502_504_503(nursery: trio.Nursery, case: 
     assert response.text.startswith(f"{status} "), response.text
     if status == 503:
         assert response.headers["retry-after"] == "1"
+
+
+async def test_sigterm_lets_a_request_in_flight_finish_then_the_lifespan_drains(
+    upstream: str, tmp_path: Path
+) -> None:
+    """hypercorn (with its worker process, which is where its graceful shutdown
+    lives: ``--workers 0`` has none) finishes a request in flight after SIGTERM; the
+    lifespan then drains and closes the engine, and the process exits 0."""
+    config = tmp_path / "trioproxy.toml"
+    config.write_text(f'[upstreams.default]\nservers = ["{upstream}"]\nhealth = false\n')
+    command = [
+        sys.executable,
+        "-m",
+        "hypercorn",
+        "--worker-class",
+        "trio",
+        "--bind",
+        "127.0.0.1:0",
+        "--error-logfile",
+        "/dev/stdout",
+        "--graceful-timeout",
+        "5",
+        "trioproxy.asgi:app",
+    ]
+    with trio.fail_after(30):
+        async with (
+            run_listening_process(
+                command, env={"TRIOPROXY_CONFIG": str(config)}, cwd=tmp_path
+            ) as proxy,
+            httpx.AsyncClient(timeout=10) as client,
+        ):
+            async with trio.open_nursery() as nursery:
+                answers: list[httpx.Response] = []
+
+                async def slow() -> None:
+                    answers.append(await client.get(proxy.url + "/slow?delay=1.5"))
+
+                nursery.start_soon(slow)
+                await trio.sleep(0.5)
+                proxy.process.send_signal(signal.SIGTERM)
+            await proxy.process.wait()
+            stderr = await proxy.settled_stderr()
+    assert [(r.status_code, r.text) for r in answers] == [(200, "slow done")]
+    assert proxy.returncode == 0, proxy.stdout() + stderr
+    assert '"GET /slow?delay=1.5 HTTP/1.1" 200' in stderr
