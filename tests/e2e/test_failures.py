@@ -292,10 +292,11 @@ async def test_body_over_the_limit(
     raw_connect: Any,
     http_client: httpx.AsyncClient,
     parser: str,
+    front_end: Any,
 ) -> None:
     canned = await canned_upstream(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
     limit = ("--max-body-size", "1000")
-    async with run_proxy("--http", parser, "--upstream", canned.url, *limit) as proxy:
+    async with front_end("--http", parser, "--upstream", canned.url, *limit) as proxy:
         conn = await raw_connect(proxy)
         await conn.send(b"POST /upload HTTP/1.1\r\nHost: p\r\nContent-Length: 2000\r\n\r\n")
         await conn.send(b"x" * 2000)
@@ -304,7 +305,7 @@ async def test_body_over_the_limit(
     # Refused on its Content-Length alone: the upstream never heard of it.
     assert canned.connections == 0
 
-    async with run_proxy("--http", parser, "--upstream", upstream, *limit) as proxy:
+    async with front_end("--http", parser, "--upstream", upstream, *limit) as proxy:
         at_limit = await http_client.post(proxy.url + "/upload", content=b"y" * 1000)
         assert at_limit.status_code == 200
         assert at_limit.json()["len"] == 1000

@@ -125,6 +125,7 @@ class AsgiDownstream:
     ) -> None:
         self.client_addr = client_addr(scope)
         self.scheme = str(scope.get("scheme", "http"))
+        self._http1 = scope.get("http_version", "1.1") in ("1.0", "1.1")
         self._receive = receive
         self._send = send
         self._limit = body_limit
@@ -223,8 +224,12 @@ class AsgiDownstream:
 
     async def answer(self, answer: Answer) -> None:
         """A whole response made by the proxy (an error, a ``respond`` route, a CORS
-        preflight), framed as the standalone server frames it."""
-        head = ResponseHead(answer.status, framed(answer, close=False), answer.reason)
+        preflight), framed as the standalone server frames it: an HTTP/1.1 request
+        whose body was not read to its end (a 413, an upstream that failed mid-upload)
+        gets ``Connection: close``, so the server ends the connection instead of
+        reading the rest as the next request's (HTTP/2 ends only the stream)."""
+        close = self._http1 and self._has_body and not self._done
+        head = ResponseHead(answer.status, framed(answer, close=close), answer.reason)
         await self.send_parts(head, [answer.body], True)
 
 
