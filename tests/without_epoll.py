@@ -31,11 +31,7 @@ import trioproxy.relay_hub  # noqa: E402
 
 if trioproxy.relay_hub.supported():
     sys.exit("without_epoll: the stream hub still says it is supported")
-try:
-    import trioproxy.asgi
-except ModuleNotFoundError as exc:  # until the ASGI front end exists
-    if exc.name != "trioproxy.asgi":
-        raise
+import trioproxy.asgi  # noqa: E402  (the ASGI app and the FastAPI helpers too)
 
 if __name__ == "__main__":
     module, *args = sys.argv[1:]
