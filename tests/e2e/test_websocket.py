@@ -474,9 +474,9 @@ async def test_shutdown_closes_open_tunnels_with_1001_after_the_grace_period(
 # --- limits ---------------------------------------------------------------------------------
 
 
-async def test_message_over_the_limit_is_1009(nursery: trio.Nursery) -> None:
+async def test_message_over_the_limit_is_1009(nursery: trio.Nursery, front_end: Any) -> None:
     server, seen = await ws_server(nursery)
-    async with run_proxy("--upstream", server, NO_HEALTH, "--ws-max-message-size", "64k") as proxy:
+    async with front_end("--upstream", server, NO_HEALTH, "--ws-max-message-size", "64k") as proxy:
         url = ws_url(proxy)
 
         def session() -> ConnectionClosed:

@@ -219,12 +219,20 @@ class _MessageRelay:
             kind = message["type"]
             if kind == "websocket.receive":
                 text = message.get("text")
+                event: TextMessage | BytesMessage
                 if text is not None:
-                    await self._upstream_write(TextMessage(data=text))
+                    event = TextMessage(data=text)
+                    # A str of n characters is at most 4n bytes of UTF-8.
+                    size = len(text.encode("utf-8")) if len(text) * 4 > self._limit else 0
                 else:
-                    await self._upstream_write(
-                        BytesMessage(data=bytes(message.get("bytes") or b""))
-                    )
+                    event = BytesMessage(data=bytes(message.get("bytes") or b""))
+                    size = len(event.data)
+                if size > self._limit:
+                    # As the standalone tunnel: 1009 to the client, 1001 upstream.
+                    await self._too_big_from_client()
+                    stop.cancel()
+                    return
+                await self._upstream_write(event)
             elif kind == "websocket.disconnect":
                 self._client_closed = True
                 code = int(message.get("code", 1000))
@@ -240,6 +248,16 @@ class _MessageRelay:
                     await trio.sleep(CLOSE_REPLY_TIMEOUT)
                 stop.cancel()
                 return
+
+    async def _too_big_from_client(self) -> None:
+        await self._upstream_write(CloseConnection(GOING_AWAY, "client message too big"))
+        await self._client_send(
+            {"type": "websocket.close", "code": MESSAGE_TOO_BIG, "reason": "message too big"}
+        )
+        self._client_closed = True
+        self.note = self.note or "client message over the limit"
+        if not self._upstream_done:
+            await trio.sleep(CLOSE_REPLY_TIMEOUT)  # for the upstream's close reply
 
     async def _upstream_to_client(self, early: bytes) -> None:
         ws = self._ws
