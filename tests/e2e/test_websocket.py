@@ -497,9 +497,9 @@ async def test_message_over_the_limit_is_1009(nursery: trio.Nursery, front_end: 
     assert seen[0].closed[:2] == (1001, "client message too big")
 
 
-async def test_idle_timeout(nursery: trio.Nursery) -> None:
+async def test_idle_timeout(nursery: trio.Nursery, front_end: Any) -> None:
     server, _ = await ws_server(nursery)
-    async with run_proxy("--upstream", server, NO_HEALTH, "--ws-idle-timeout", "0.5") as proxy:
+    async with front_end("--upstream", server, NO_HEALTH, "--ws-idle-timeout", "0.5") as proxy:
         async with trio_websocket.open_websocket_url(ws_url(proxy)) as ws:
             opened = trio.current_time()
             with trio.fail_after(5), pytest.raises(trio_websocket.ConnectionClosed) as caught:

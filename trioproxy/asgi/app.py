@@ -233,6 +233,7 @@ class ProxyApp:
             receive,
             send,
             max_message_size=server.ws_max_message_size if server is not None else 1 << 24,
+            idle_timeout=(server.ws_idle_timeout or None) if server is not None else None,
         )
         note = ""
         self._enter()

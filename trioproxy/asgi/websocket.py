@@ -77,6 +77,7 @@ class AsgiWebSocket:
         send: Send,
         *,
         max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
+        idle_timeout: float | None = None,
     ) -> None:
         client = scope.get("client")
         self.client_addr = str(client[0]) if client else "unknown"
@@ -84,6 +85,7 @@ class AsgiWebSocket:
         self._receive = receive
         self._send = send
         self._max = max_message_size
+        self._idle_timeout = idle_timeout
         self.http_response = "websocket.http.response" in (scope.get("extensions") or {})
         #: ``websocket.accept`` was sent.
         self.accepted = False
@@ -140,7 +142,7 @@ class AsgiWebSocket:
         )
 
     async def relay(self, upstream: UpstreamWebSocket, early: bytes) -> str:
-        relay = _MessageRelay(self._receive, self._send, upstream, self._max)
+        relay = _MessageRelay(self._receive, self._send, upstream, self._max, self._idle_timeout)
         try:
             return await relay.run(early)
         finally:
@@ -170,7 +172,17 @@ class AsgiWebSocket:
 class _MessageRelay:
     """Messages both ways between the ASGI client and the upstream's frames."""
 
-    def __init__(self, receive: Receive, send: Send, upstream: UpstreamWebSocket, limit: int):
+    def __init__(
+        self,
+        receive: Receive,
+        send: Send,
+        upstream: UpstreamWebSocket,
+        limit: int,
+        idle_timeout: float | None = None,
+    ) -> None:
+        self._idle_timeout = idle_timeout
+        #: trio time of the last message either way (for the idle timeout).
+        self._last = trio.current_time()
         self._receive = receive
         self._send = send
         self._upstream = upstream
@@ -184,6 +196,8 @@ class _MessageRelay:
     async def run(self, early: bytes) -> str:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._client_to_upstream, nursery.cancel_scope)
+            if self._idle_timeout:
+                nursery.start_soon(self._watch_idle, self._idle_timeout, nursery.cancel_scope)
             await self._upstream_to_client(early)
             if self._client_closed:
                 nursery.cancel_scope.cancel()
@@ -217,6 +231,7 @@ class _MessageRelay:
             except _IO_ERRORS:
                 message = {"type": "websocket.disconnect", "code": 1006}
             kind = message["type"]
+            self._last = trio.current_time()
             if kind == "websocket.receive":
                 text = message.get("text")
                 event: TextMessage | BytesMessage
@@ -248,6 +263,22 @@ class _MessageRelay:
                     await trio.sleep(CLOSE_REPLY_TIMEOUT)
                 stop.cancel()
                 return
+
+    async def _watch_idle(self, idle: float, stop: trio.CancelScope) -> None:
+        """No message either way for ``idle`` seconds: both sides get 1001, as in the
+        standalone tunnel. It wakes once per ``idle`` period, not per message."""
+        # The deadline trails the last message; it moves without waking this task.
+        while (wait := self._last + idle - trio.current_time()) > 0:  # noqa: ASYNC110
+            await trio.sleep(wait)
+        self.note = self.note or "idle timeout"
+        await self._upstream_write(CloseConnection(GOING_AWAY, "idle timeout"))
+        await self._client_send(
+            {"type": "websocket.close", "code": GOING_AWAY, "reason": "idle timeout"}
+        )
+        self._client_closed = True
+        if not self._upstream_done:
+            await trio.sleep(CLOSE_REPLY_TIMEOUT)
+        stop.cancel()
 
     async def _too_big_from_client(self) -> None:
         await self._upstream_write(CloseConnection(GOING_AWAY, "client message too big"))
@@ -285,6 +316,7 @@ class _MessageRelay:
                             self.note = self.note or "upstream message over the limit"
                             return
                         parts.append(event.data)
+                        self._last = trio.current_time()
                         if event.message_finished:
                             self.bytes_out += size
                             if isinstance(event, TextMessage):
