@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import sys
+from pathlib import Path
 
 import httpx
 import trio
@@ -49,3 +50,40 @@ async def test_proxy_runs_without_epoll_or_poll(nursery: trio.Nursery) -> None:
                 assert response.status_code == 200
                 assert hashlib.sha256(response.content).hexdigest() == pattern_sha256(300000)
             assert "Traceback" not in proxy.stderr()
+
+
+async def test_asgi_app_runs_without_epoll_or_poll(nursery: trio.Nursery, tmp_path: Path) -> None:
+    """``trioproxy.asgi:app`` under hypercorn's trio worker (in this process:
+    ``--workers 0``) with epoll and poll hidden from trioproxy."""
+    upstream = await serve_asgi(upstream_app, nursery)
+    command = [
+        sys.executable,
+        WITHOUT_EPOLL,
+        "hypercorn",
+        "--worker-class",
+        "trio",
+        "--workers",
+        "0",
+        "--bind",
+        "127.0.0.1:0",
+        "--error-logfile",
+        "/dev/stdout",
+        "trioproxy.asgi:app",
+    ]
+    config = tmp_path / "trioproxy.toml"
+    config.write_text(f'[upstreams.default]\nservers = ["{upstream}"]\nhealth = false\n')
+    env = {"TRIOPROXY_CONFIG": str(config)}
+    with trio.fail_after(40):
+        async with (
+            run_listening_process(command, env=env, cwd=tmp_path) as proxy,
+            httpx.AsyncClient(base_url=proxy.url, timeout=10) as client,
+        ):
+            events = []
+            async with client.stream("GET", "/sse?n=3&interval=0.05") as response:
+                async for line in response.aiter_lines():
+                    if line.startswith("id: "):
+                        events.append(int(line[4:]))
+            assert events == [0, 1, 2]
+            for _ in range(3):
+                response = await client.get("/bytes/300000?chunked=1")
+                assert hashlib.sha256(response.content).hexdigest() == pattern_sha256(300000)

@@ -12,9 +12,12 @@ closed before accept, which the server answers with 403.
 Once accepted, messages are relayed, one task per direction. The server ends
 the client's WebSocket and hands over whole messages, so on this side the
 proxy relays messages, not frames: the upstream's side is a wsproto connection
-whose fragments are joined into one ``websocket.send`` (up to
-``max_message_size``, else 1009 to the upstream and 1011 to the client, as in
-the standalone tunnel). Pings are answered by each side's own endpoint.
+whose fragments are joined into one ``websocket.send``. The limits are the
+standalone tunnel's: an upstream message over ``max_message_size`` gets 1009
+upstream and 1011 to the client, a client message over it 1009 to the client and
+1001 upstream; with ``idle_timeout``, no message either way for that long closes
+both with 1001. Pings are answered by each side's own endpoint (hypercorn answers
+the client's).
 
 Close codes. An upstream's close code and reason reach the client as they came
 (``websocket.close``). The client's close code reaches the upstream as far as
