@@ -10,9 +10,9 @@ import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI, Request, Response
+from fastapi import FastAPI, Request, Response, WebSocket
 
-from trioproxy.asgi import HealthChecker, LoadBalancer, proxy_pass
+from trioproxy.asgi import HealthChecker, LoadBalancer, proxy_pass, proxy_pass_websocket
 
 DEAD = os.environ["PROXY_PASS_DEAD"]
 SLOW = os.environ["PROXY_PASS_SLOW"]
@@ -41,3 +41,13 @@ async def timeout(request: Request) -> Response:
 @app.get("/no-healthy")
 async def no_healthy(request: Request) -> Response:
     return await LoadBalancer(checker).proxy_pass(request, path="/")
+
+
+@app.websocket("/ws-refused")
+async def ws_refused(websocket: WebSocket) -> None:
+    await proxy_pass_websocket(websocket, DEAD)
+
+
+@app.websocket("/ws-no-healthy")
+async def ws_no_healthy(websocket: WebSocket) -> None:
+    await LoadBalancer(checker).proxy_pass_websocket(websocket)

@@ -24,6 +24,7 @@ import trustme
 import upstream_app
 from fixtures import REPO_ROOT, run_asgi_proxy, run_listening_process, serve_asgi
 from upstream_app import pattern_sha256
+from websockets.exceptions import InvalidStatus
 from websockets.sync.client import connect as sync_connect
 
 GATEWAY = REPO_ROOT / "examples" / "fastapi_gateway.py"
@@ -193,11 +194,15 @@ async def _get_many(client: httpx.AsyncClient, statuses: list[int], count: int) 
         await trio.sleep(0.01)
 
 
-@pytest.mark.parametrize("case", ["refused", "timeout", "no-healthy"])
+@pytest.mark.parametrize(
+    "case", ["refused", "timeout", "no-healthy", "ws-refused", "ws-no-healthy"]
+)
 async def test_proxy_pass_failures_are_502_504_503(nursery: trio.Nursery, case: str) -> None:
     """A FastAPI app's proxy_pass answers as the standalone server: 502 when the
     upstream refuses, 504 when it does not answer within ``timeout``, 503 with
-    Retry-After when the balancer has no healthy target."""
+    Retry-After when the balancer has no healthy target; proxy_pass_websocket
+    answers the handshake with the same statuses (hypercorn's
+    ``websocket.http.response``)."""
     app_file = REPO_ROOT / "tests" / "e2e" / "proxy_pass_app.py"
     command = [
         sys.executable,
@@ -218,19 +223,36 @@ async def test_proxy_pass_failures_are_502_504_503(nursery: trio.Nursery, case: 
         await sock.bind(("127.0.0.1", 0))
         dead = f"http://127.0.0.1:{sock.getsockname()[1]}"
     env = {"PROXY_PASS_DEAD": dead, "PROXY_PASS_SLOW": slow}
-    path, status = {"refused": ("/refused", 502), "timeout": ("/timeout", 504)}.get(
-        case, ("/no-healthy", 503)
-    )
+    path, status = {
+        "refused": ("/refused", 502),
+        "timeout": ("/timeout", 504),
+        "no-healthy": ("/no-healthy", 503),
+        "ws-refused": ("/ws-refused", 502),
+        "ws-no-healthy": ("/ws-no-healthy", 503),
+    }[case]
     with trio.fail_after(30):
         async with (
             run_listening_process(command, env=env, cwd=app_file.parent) as app,
             httpx.AsyncClient(base_url=app.url, timeout=10) as client,
         ):
-            response = await client.get(path)
-    assert response.status_code == status, response.text
-    assert response.text.startswith(f"{status} "), response.text
+            if case.startswith("ws-"):
+                url = app.url.replace("http://", "ws://") + path
+
+                def handshake() -> InvalidStatus:
+                    with pytest.raises(InvalidStatus) as caught:
+                        sync_connect(url)
+                    return caught.value
+
+                refused = (await trio.to_thread.run_sync(handshake)).response
+                answer = (refused.status_code, (refused.body or b"").decode(), refused.headers)
+            else:
+                response = await client.get(path)
+                answer = (response.status_code, response.text, response.headers)
+    got, text, headers = answer
+    assert got == status, text
+    assert text.startswith(f"{status} "), text
     if status == 503:
-        assert response.headers["retry-after"] == "1"
+        assert headers["retry-after"] == "1"
 
 
 async def test_sigterm_lets_a_request_in_flight_finish_then_the_lifespan_drains(
