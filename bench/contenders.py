@@ -35,6 +35,14 @@ of a back end that runs on the load core:
     their cost (issue 14: >= 0.90 of small-GET req/s, <= 1 ms added to the p99 of an
     LLM token stream's events). It joins ``get-small-16``, ``get-small-64``,
     ``sse-llm-1000`` and ``sse-llm-100`` only.
+``trioproxy-asgi``
+    the ASGI front end, ``hypercorn --worker-class trio trioproxy.asgi:app`` in one
+    process, configured as ``trioproxy`` (a TOML file: the back end as the group
+    ``default``, 4096 upstream connections, log level warning).
+``fastapi-trioproxy``
+    the ``fastapi-reverse-proxy`` contender's app with only its import changed
+    (``trioproxy.asgi``), on hypercorn's trio worker in one process.
+    Both join only the ASGI front end's scenarios.
 ``trioproxy-baseline``
     ``trioproxy`` run from another source tree (``--baseline-src DIR``), in the same
     run: ``trioproxy / trioproxy-baseline`` is what the commits between them changed.
@@ -251,6 +259,59 @@ def _trioproxy(
 #: The scenarios of TLS termination (the ``-tls`` contenders join only these).
 TLS_SCENARIOS = frozenset({"tls-small-64", "tls-handshake-16"})
 
+
+def _hypercorn(site: Site, app: str) -> list[str]:
+    """hypercorn's trio worker serving ``app`` in the contender's own process (no
+    worker child), with the keep-alive and backlog limits raised as for uvicorn."""
+    return [
+        sys.executable,
+        "-m",
+        "hypercorn",
+        "--worker-class",
+        "trio",
+        "--workers",
+        "0",
+        "--bind",
+        f"127.0.0.1:{site.port}",
+        "--keep-alive",
+        "300",
+        "--backlog",
+        "4096",
+        "--log-level",
+        "warning",
+        app,
+    ]
+
+
+def _trioproxy_asgi(site: Site) -> Launch:
+    # The same settings as the ``trioproxy`` contender, as a file (the group's
+    # connection cap has no environment variable).
+    config = site.prefix / "trioproxy-asgi.toml"
+    config.write_text(
+        '[server]\nlog_level = "warning"\n\n'
+        f'[upstreams.default]\nservers = ["http://{site.upstream}"]\n'
+        "pool = { max_connections = 4096 }\n"
+    )
+    return Launch(
+        _hypercorn(site, "trioproxy.asgi:app"),
+        env={"TRIOPROXY_CONFIG": str(config)},
+        cwd=site.trioproxy_src,
+    )
+
+
+def _fastapi_trioproxy(site: Site) -> Launch:
+    return Launch(
+        _hypercorn(site, "fastapi_trioproxy_app:app"),
+        env={"BENCH_UPSTREAM": f"http://{site.upstream}", "PYTHONPATH": str(site.trioproxy_src)},
+        cwd=PEERS_DIR,
+    )
+
+
+#: The scenarios of the ASGI front end (``bench/scenarios.py``), the only ones its
+#: contenders join.
+ASGI_SCENARIOS = frozenset({"asgi-get-64", "asgi-download-1m", "asgi-h2-64"})
+
+
 CONTENDERS: dict[str, Contender] = {
     c.name: c
     for c in (
@@ -285,6 +346,20 @@ CONTENDERS: dict[str, Contender] = {
             scenarios=frozenset({"get-small-16", "get-small-64", "sse-llm-1000", "sse-llm-100"}),
         ),
         Contender(
+            "trioproxy-asgi",
+            frozenset(),
+            _trioproxy_asgi,
+            no_websocket=None,
+            scenarios=ASGI_SCENARIOS,
+        ),
+        Contender(
+            "fastapi-trioproxy",
+            frozenset(),
+            _fastapi_trioproxy,
+            no_websocket=None,
+            scenarios=ASGI_SCENARIOS,
+        ),
+        Contender(
             "trioproxy-baseline",
             frozenset(),
             _trioproxy("auto", baseline=True),
@@ -309,7 +384,14 @@ CONTENDERS: dict[str, Contender] = {
 }
 
 #: The contenders every ratio is taken for, and the ones they are taken against.
-OURS = ("trioproxy", "trioproxy-h11", "trioproxy-50routes", "trioproxy-tls")
+OURS = (
+    "trioproxy",
+    "trioproxy-h11",
+    "trioproxy-50routes",
+    "trioproxy-tls",
+    "trioproxy-asgi",
+    "fastapi-trioproxy",
+)
 PEERS = (
     "nginx",
     "fastapi-reverse-proxy",

@@ -47,6 +47,7 @@ PEER_DISTRIBUTIONS = (
 HOW_TO = {
     "nginx": "apt-get install nginx   (Debian/Ubuntu; any nginx >= 1.15.3 in PATH will do)",
     "wrk": "apt-get install wrk",
+    "h2load": "apt-get install nghttp2-client   (h2load, for the HTTP/2 scenario)",
     "taskset": "apt-get install util-linux",
     "peers": "python -m bench --install-peers   (creates bench/.venv-peers with pip)",
     "matplotlib": "python -m bench --install-peers   (matplotlib goes into bench/.venv-peers)",
@@ -60,11 +61,13 @@ class Tools:
     peers_python: str | None
     peers_matplotlib: bool
     versions: dict[str, str]
+    h2load: str | None = None
 
     def missing(self, needs: set[str]) -> list[str]:
         have = {
             "nginx": self.nginx is not None,
             "wrk": self.wrk is not None,
+            "h2load": self.h2load is not None,
             "taskset": shutil.which("taskset") is not None,
             "peers": self.peers_python is not None,
             "matplotlib": self.peers_matplotlib,
@@ -112,8 +115,12 @@ def _peer_versions(python: str) -> dict[str, str] | None:
 def discover() -> Tools:
     nginx = _which("nginx")
     wrk = _which("wrk")
+    h2load = _which("h2load")
     versions = {"python": sys.version.split()[0]}
-    for dist in ("trioproxy", "trio", "h11", "httptools", "trio-websocket", "wsproto"):
+    for dist in (
+        "trioproxy", "trio", "h11", "httptools", "trio-websocket", "wsproto", "hypercorn",
+        "starlette", "fastapi", "h2",
+    ):  # fmt: skip
         try:
             versions[dist] = importlib.metadata.version(dist)
         except importlib.metadata.PackageNotFoundError:
@@ -122,6 +129,8 @@ def discover() -> Tools:
         versions["nginx"] = _command_version([nginx, "-v"]).rpartition("/")[2]
     if wrk:  # "wrk debian/4.1.0-3+b2 [epoll] Copyright ..."
         versions["wrk"] = _command_version([wrk, "--version"]).split(" [")[0].removeprefix("wrk ")
+    if h2load:  # "h2load nghttp2/1.52.0"
+        versions["h2load"] = _command_version([h2load, "--version"]).rpartition("/")[2]
     peers_python: str | None = None
     matplotlib = False
     python = PEERS_VENV / "bin" / "python"
@@ -137,6 +146,7 @@ def discover() -> Tools:
         peers_python=peers_python,
         peers_matplotlib=matplotlib,
         versions=versions,
+        h2load=h2load,
     )
 
 

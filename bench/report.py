@@ -282,6 +282,23 @@ def targets(
         "trioproxy",
         lambda v: v >= 0.9,
     )
+    for ours in ("trioproxy-asgi", "fastapi-trioproxy"):
+        by_ratio(
+            f"ASGI front end, small GET 64 conns: {ours} req/s >= 3x fastapi-reverse-proxy's",
+            "asgi-get-64",
+            "req_s",
+            ours,
+            "fastapi-reverse-proxy",
+            lambda v: v >= 3.0,
+        )
+        by_ratio(
+            f"ASGI front end, 1 MiB downloads: {ours} MiB/s >= 2x fastapi-reverse-proxy's",
+            "asgi-download-1m",
+            "mib_s",
+            ours,
+            "fastapi-reverse-proxy",
+            lambda v: v >= 2.0,
+        )
     by_value(
         "10k idle keep-alive held: peak RSS <= 200 MB",
         "idle-10k",

@@ -17,6 +17,7 @@ idle connections, reading event streams, WebSocket) and use :mod:`bench.loadgen`
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -25,7 +26,7 @@ from typing import Any, ClassVar
 import attrs
 import trio
 
-from bench import loadgen, wrk
+from bench import h2load, loadgen, wrk
 from bench.contenders import Contender
 from bench.env import Tools
 from bench.procs import BenchError, Child, Watch
@@ -334,11 +335,63 @@ class WsScenario(Scenario):
         }
 
 
+@attrs.frozen
+class H2loadScenario(Scenario):
+    """h2load with one stream per connection: HTTP/2 with prior knowledge (h2c), or
+    HTTP/1.1 (``h1``). (h2load's HTTP/1.1 client counts every hypercorn response as
+    failed, the status line's empty reason phrase being the likely cause, so the ASGI
+    scenarios compare its HTTP/2 with wrk's HTTP/1.1 at the same 64 connections.)"""
+
+    path: str = "/small"
+    connections: int = 64
+    h1: bool = False
+    needs: ClassVar[frozenset[str]] = frozenset({"h2load"})
+
+    def measure(self, ctx: Context) -> Metrics:
+        assert ctx.tools.h2load is not None
+        url = f"http://127.0.0.1:{ctx.port}{ctx.contender.mount}{self.path}"
+
+        # One run, warm-up included (see bench/h2load.py): the CPU clock restarts when
+        # the warm-up ends.
+        timer = threading.Timer(ctx.warmup, ctx.watch.restart_cpu)
+        timer.start()
+        try:
+            result = h2load.run(
+                ctx.tools.h2load,
+                url,
+                connections=self.connections,
+                duration=ctx.duration,
+                warmup=ctx.warmup,
+                h1=self.h1,
+            )
+        finally:
+            timer.cancel()
+        cpu = ctx.watch.cpu_share()
+        if result.failed or result.non_2xx or not result.requests:
+            raise BenchError(
+                f"h2load: {result.failed} failed, {result.non_2xx} not 2xx, "
+                f"{result.requests} succeeded:\n{result.output[-1500:]}"
+            )
+        ctx.child.check_alive()
+        return {
+            "req_s": result.req_s,
+            "mean_ms": result.mean_ms,
+            "cpu": cpu,
+            "requests": result.requests,
+            "errors": 0,
+        }
+
+
 _GET = (("req_s", True), ("p99_ms", False))
 #: The TLS scenarios compare each TLS terminator with itself in plain http, on CPU
 #: time per request too.
 _TLS_PAIRS = frozenset({"nginx", "nginx-tls", "trioproxy", "trioproxy-tls"})
 _TLS_COMPARED = (*_GET, ("cpu_us", False))
+#: The ASGI front end's scenarios: trioproxy.asgi and a FastAPI proxy_pass app, both on
+#: hypercorn's trio worker, against fastapi-reverse-proxy on uvicorn (and the standalone
+#: server, for what the ASGI server costs).
+_ASGI = frozenset({"trioproxy", "trioproxy-asgi", "fastapi-trioproxy", "fastapi-reverse-proxy"})
+_ASGI_H2 = frozenset({"trioproxy-asgi", "fastapi-trioproxy"})
 
 SCENARIOS: dict[str, Scenario] = {
     s.name: s
@@ -380,6 +433,18 @@ SCENARIOS: dict[str, Scenario] = {
         WsScenario(
             "ws-echo-1", "WebSocket echo, 1 conn", "ws", "msgs_s", "msgs/s",
             (("msgs_s", True),), connections=1,
+        ),
+        WrkScenario(
+            "asgi-get-64", "ASGI front end: small GET (100 B), 64 conns", "http", "req_s",
+            "req/s", _GET, contenders=_ASGI, path="/small", connections=64,
+        ),
+        WrkScenario(
+            "asgi-download-1m", "ASGI front end: 1 MiB downloads, 8 conns", "http", "mib_s",
+            "MiB/s", (("mib_s", True),), contenders=_ASGI, path="/1m", connections=8,
+        ),
+        H2loadScenario(
+            "asgi-h2-64", "ASGI front end: small GET, 64 conns, HTTP/2 h2c (h2load)", "http",
+            "req_s", "req/s", (("req_s", True),), contenders=_ASGI_H2,
         ),
         SseScenario(
             "sse-1000", "SSE fan-out, 1000 streams", "sse", "events_s", "events/s",

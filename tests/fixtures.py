@@ -20,7 +20,8 @@ import socket
 import struct
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Awaitable, Callable
+import tempfile
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from functools import partial
 from pathlib import Path
@@ -41,8 +42,9 @@ PROXY_START_TIMEOUT = 10.0
 #: How long ``run_proxy`` waits after SIGTERM before it sends SIGKILL, by default.
 PROXY_STOP_TIMEOUT = 15.0
 
-# Only a whole line counts: a chunk may end in the middle of the port number.
-_LISTENING = re.compile(rb"listening on (https?://(\S+):(\d+))\r?\n")
+# Only a whole line counts: a chunk may end in the middle of the port number. The
+# proxy's "listening on URL" line, or hypercorn's "Running on URL (CTRL + C to quit)".
+_LISTENING = re.compile(rb"(?:listening|Running) on (https?://([^\s:]+):(\d+))(?:\r?\n| \()")
 
 StreamHandler = Callable[[trio.SocketStream], Awaitable[None]]
 
@@ -292,6 +294,78 @@ async def run_proxy(
         command.append("--no-health-check")
     async with run_listening_process(command, env=env, cwd=REPO_ROOT) as proxy:
         yield proxy
+
+
+def cli_args_as_toml(args: Sequence[str]) -> str:
+    """The configuration ``python -m trioproxy ARGS`` makes, as a TOML file says it
+    (for a front end that reads a file: the ASGI app). Flags that set a key in every
+    group set it in the group ``default``, the only one command-line flags make."""
+    from trioproxy.__main__ import build_parser, sources_from_args
+
+    parser = build_parser()
+    sources = sources_from_args(parser, parser.parse_args(list(args)), {}, str(REPO_ROOT))
+    lines = []
+    for value in sources.cli:
+        path = ("upstreams", "default", *value.path) if value.every_group else value.path
+        lines.append(f"{'.'.join(path)} = {_toml_value(value.raw)}")
+    return "\n".join(lines) + "\n"
+
+
+def _toml_value(raw: Any) -> str:
+    if isinstance(raw, bool):
+        return "true" if raw else "false"
+    if isinstance(raw, (int, float)):
+        return repr(raw)
+    if isinstance(raw, list):
+        return "[" + ", ".join(_toml_value(item) for item in raw) + "]"
+    text = str(raw)
+    if re.fullmatch(r"[0-9]+", text):
+        return text
+    if re.fullmatch(r"[0-9]*\.[0-9]+", text):
+        return text
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+@asynccontextmanager
+async def run_asgi_proxy(
+    *args: str,
+    env: dict[str, str] | None = None,
+    health_check: bool = False,
+    hypercorn_args: Sequence[str] = (),
+) -> AsyncIterator[ProxyProcess]:
+    """The ASGI front end in a real ``hypercorn --worker-class trio trioproxy.asgi:app``
+    process, configured as ``run_proxy(*args)`` would be: the flags are written to a
+    TOML file that ``TRIOPROXY_CONFIG`` names (``app`` reads it at lifespan startup).
+
+    hypercorn's own log goes to stdout (its ``Running on URL`` line is the readiness
+    line), trioproxy's log to stderr, as with ``python -m trioproxy``.
+    """
+    if not health_check and "--no-health-check" not in args:
+        args = (*args, "--no-health-check")
+    with tempfile.TemporaryDirectory(prefix="trioproxy-asgi-") as tmp:
+        config = Path(tmp) / "trioproxy.toml"
+        config.write_text(cli_args_as_toml(args))
+        command = [
+            sys.executable,
+            "-m",
+            "hypercorn",
+            "--worker-class",
+            "trio",
+            "--bind",
+            "127.0.0.1:0",
+            "--error-logfile",
+            "/dev/stdout",
+            # Serve in this process (no worker child): its pid is the one whose
+            # descriptors and memory the tests read, and SIGTERM reaches it.
+            "--workers",
+            "0",
+            *hypercorn_args,
+            "trioproxy.asgi:app",
+        ]
+        full_env = {"TRIOPROXY_CONFIG": str(config), **(env or {})}
+        # The working directory has no .env: only the file and env say anything.
+        async with run_listening_process(command, env=full_env, cwd=Path(tmp)) as proxy:
+            yield proxy
 
 
 @asynccontextmanager

@@ -34,3 +34,27 @@ def test_console_script_and_module_agree() -> None:
     )
     assert result.returncode == 0
     assert "--upstream" in result.stdout and "--demo" in result.stdout
+
+
+def test_asgi_public_names_are_pinned() -> None:
+    """``trioproxy.asgi``: the app, and fastapi-reverse-proxy's names (a port changes
+    only the import)."""
+    import trioproxy.asgi
+
+    assert sorted(trioproxy.asgi.__all__) == [
+        "AsgiDownstream",
+        "AsgiWebSocket",
+        "HealthChecker",
+        "LoadBalancer",
+        "Proxy",
+        "ProxyApp",
+        "ProxyResponse",
+        "ResponseAborted",
+        "aclose_pool",
+        "app",
+        "create_app",
+        "proxy_pass",
+        "proxy_pass_websocket",
+    ]
+    assert trioproxy.asgi.LoadBalancer is trioproxy.LoadBalancer
+    assert trioproxy.asgi.HealthChecker is trioproxy.HealthChecker

@@ -41,7 +41,7 @@ from __future__ import annotations
 import logging
 import random
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import attrs
 import trio
@@ -49,6 +49,7 @@ import trio
 from trioproxy.balance.group import LiveGroup
 from trioproxy.balance.target import Target
 from trioproxy.errors import (
+    BadWebSocketRequest,
     BodyTooLarge,
     ClientDisconnected,
     NoHealthyUpstream,
@@ -87,10 +88,18 @@ from trioproxy.http.transforms import (
     run_body_transform,
 )
 from trioproxy.relay_hub import ClientSink, HubStream, StreamHub
+from trioproxy.relay_hub import supported as hub_supported
 from trioproxy.snapshot import Route, Snapshot
 from trioproxy.sockets import FastSocketStream
 from trioproxy.upstream.connection import UpstreamConnection
 from trioproxy.upstream.origin import Origin
+from trioproxy.upstream.websocket import (
+    HANDSHAKE_FIELDS,
+    Accepted,
+    Refused,
+    UpstreamWebSocket,
+    connect_upstream_websocket,
+)
 
 if TYPE_CHECKING:
     from trioproxy.observe.meter import LlmMeter
@@ -130,6 +139,38 @@ class Downstream(Protocol):
     def hub_sink(self) -> ClientSink | None:
         """The client's socket and body framing, for the stream hub to write to; None
         if the hub cannot (TLS, memory streams)."""
+
+
+class WebSocketDownstream(Protocol):
+    """The front end's half of a WebSocket upgrade (``Engine.handle_websocket``):
+    the client's side of the handshake, and its frames or messages once accepted.
+
+    The engine opens the upstream WebSocket (pick, retry, headers, transforms)
+    and then calls exactly one of: ``send_parts`` (the upstream refused: relay
+    its answer as an HTTP response), or ``accept`` followed by ``relay``.
+    """
+
+    client_addr: str
+    scheme: str
+
+    async def wait_disconnect(self) -> None:
+        """Return only by raising ClientDisconnected when the client goes away."""
+
+    async def send_parts(self, head: ResponseHead | None, chunks: list[bytes], end: bool) -> None:
+        """The upstream's refusal (head, body chunks, end), relayed to the client."""
+
+    async def accept(self, subprotocol: str | None, headers: Headers) -> None:
+        """Complete the client's handshake with the upstream's ``subprotocol`` and
+        ``headers`` (its ``101``'s other fields, already made the client's).
+
+        Raises:
+            ClientDisconnected.
+        """
+
+    async def relay(self, upstream: UpstreamWebSocket, early: bytes) -> str:
+        """Relay frames between the client and ``upstream`` (whose first bytes,
+        read with its ``101``, are ``early``) until both are done; returns a note
+        for the access log saying how it ended."""
 
 
 @attrs.define
@@ -269,7 +310,9 @@ class Engine:
     current_time: Callable[[], float] = trio.current_time
     #: The snapshot new requests are routed on.
     snapshot: Snapshot | None = None
-    #: Whether ``run`` starts the stream hub (off where it cannot run).
+    #: Whether ``run`` starts the stream hub; it also stays off where the platform
+    #: cannot run it (no ``select.epoll``: macOS, Windows), and every body is then
+    #: relayed by its exchange's own task.
     use_hub: bool = True
     #: Why the last reload was refused (None after a good one), for ``/status``.
     config_error: str | None = None
@@ -286,7 +329,7 @@ class Engine:
         self.current_time = trio.lowlevel.current_clock().current_time
         try:
             async with trio.open_nursery() as nursery:
-                if self.use_hub:
+                if self.use_hub and hub_supported():
                     # Streamed response bodies are relayed by this one task (see
                     # trioproxy/relay_hub.py); it outlives every exchange.
                     hub = StreamHub()
@@ -376,20 +419,10 @@ class Engine:
         for attempt in range(policy.max_attempts):
             now = self.current_time()
             if attempt:
-                if not budget.can_retry(now) or not balancer.has_candidate(now, exclude=tried):
+                retry = await self._retry_target(group, request, tried, attempt, record, last_error)
+                if retry is None:
                     break
-                budget.record_retry(now)
-                record.retries += 1
-                # Back off first, then pick: the choice (and a breaker's trial
-                # slot) is made when the request really goes out.
-                await trio.sleep(policy.backoff(attempt - 1, self.rng))
-                try:
-                    target = balancer.pick(request, now=self.current_time(), exclude=tried)
-                except NoHealthyUpstream:
-                    break
-                log.info(
-                    "retrying %s on %s: %s", record.request_id.decode(), target.name, last_error
-                )
+                target = retry
                 body.rewind()
             else:
                 target = balancer.pick(request, now=now)
@@ -421,6 +454,188 @@ class Engine:
         assert last_error is not None
         raise last_error
 
+    async def handle_websocket(
+        self,
+        request: RequestHead,
+        route: Route,
+        downstream: WebSocketDownstream,
+        record: ExchangeLog,
+        subprotocols: list[str],
+    ) -> str | None:
+        """Open a WebSocket to an upstream for ``request`` and hand it to the client.
+
+        The same path as ``handle``: the route's path rewrite and request header
+        rules, the group's balancer, its retry rules (a target that refuses the
+        connection is left for another one: the upstream never saw the request)
+        and the balancer's outcome accounting. Then the upstream's handshake with
+        the client's ``subprotocols`` (deferred negotiation: the client is
+        accepted only with the upstream's choice); a refusal is relayed as a
+        plain HTTP response (``downstream.send_parts``).
+
+        Returns:
+            None when the upstream refused and its answer was relayed; otherwise
+            ``"websocket: "`` and the tunnel's note on how it ended.
+
+        Raises:
+            ProxyError: before anything was sent to the client (502 connect error
+                or invalid answer, 503 no target, 504 timeout, 400 non-ASCII
+                target); ClientDisconnected; UpstreamBrokenMidBody while relaying
+                a refusal's body.
+        """
+        if not record.request_id:
+            record.request_id = request_id_from(request.headers) or new_request_id()
+        record.started = self.current_time()
+        group = route.group
+        assert group is not None, "a respond route is answered by the front end"
+        sent = request
+        if route.has_transforms:
+            sent = self.prepare_request(request, route, downstream.client_addr, record)
+        balancer = group.balancer
+        group.budget.record_request(record.started)
+        tried: list[Target] = []
+        error: ProxyError | None = None
+        upstream: UpstreamWebSocket | None = None
+        target: Target | None = None
+        for attempt in range(group.retry.max_attempts):
+            if attempt:
+                target = await self._retry_target(group, request, tried, attempt, record, error)
+                if target is None:
+                    break
+            else:
+                target = balancer.pick(request, now=self.current_time())
+            tried.append(target)
+            record.upstream = target.name
+            try:
+                upstream = await connect_upstream_websocket(
+                    target.url.origin, group.pool, connect_timeout=route.connect_timeout
+                )
+                break
+            except (UpstreamConnectError, UpstreamConnectTimeout) as exc:
+                balancer.on_failure(target, self.current_time())
+                error = exc
+            except BaseException:
+                balancer.on_cancelled(target, self.current_time())
+                raise
+        if upstream is None:
+            assert error is not None
+            raise error
+        assert target is not None
+        reported = False
+        try:
+            url = target.url
+            fields = self.upstream_headers(
+                RequestHead(sent.method, sent.target, sent.headers, b"1.1"),
+                route,
+                url.origin,
+                downstream,
+                record,
+            )
+            host = get_first(fields, b"host") or url.origin.host_header
+            upstream_target = url.upstream_target(sent.target)
+            if not (host.isascii() and upstream_target.isascii()):
+                raise BadWebSocketRequest("non-ASCII Host or request-target in a WebSocket upgrade")
+            started = self.current_time()
+            with balancer.track(target):
+                answer = await _upstream_handshake(
+                    upstream,
+                    downstream,
+                    host=host,
+                    target=upstream_target,
+                    headers=[field for field in fields if field[0] not in HANDSHAKE_FIELDS],
+                    subprotocols=subprotocols,
+                    read_timeout=route.read_timeout,
+                )
+            status = answer.status if isinstance(answer, Refused) else 101
+            now = self.current_time()
+            if status >= 500:
+                balancer.on_failure(target, now)
+            else:
+                balancer.on_success(target, now, latency=now - started)
+            reported = True
+            record.status = status
+            if isinstance(answer, Refused):
+                await _relay_refusal(answer, upstream, downstream, record, route.read_timeout)
+                return None
+            passed = [field for field in answer.headers if field[0] not in HANDSHAKE_FIELDS]
+            await downstream.accept(
+                answer.subprotocol,
+                client_response_headers(
+                    passed, request_id=record.request_id, via=via_entry(b"1.1")
+                ),
+            )
+            with balancer.track(target, tunnel=True):
+                note = await downstream.relay(upstream, answer.trailing_data)
+            return f"websocket: {note}"
+        except (UpstreamError, UpstreamTimeout):
+            if not reported:
+                balancer.on_failure(target, self.current_time())
+            raise
+        except BaseException:
+            if not reported:
+                balancer.on_cancelled(target, self.current_time())
+            raise
+        finally:
+            await upstream.aclose()
+
+    async def _retry_target(
+        self,
+        group: LiveGroup,
+        request: RequestHead,
+        tried: list[Target],
+        attempt: int,
+        record: ExchangeLog,
+        last_error: ProxyError | None,
+    ) -> Target | None:
+        """The target of retry number ``attempt`` (1, 2...), after its backoff; None
+        when the retry budget or the candidates left say not to retry.
+
+        Shared by HTTP exchanges (``handle``) and WebSocket upgrades
+        (``handle_websocket``), so that both retry by the same rules.
+        """
+        now = self.current_time()
+        budget = group.budget
+        balancer = group.balancer
+        if not budget.can_retry(now) or not balancer.has_candidate(now, exclude=tried):
+            return None
+        budget.record_retry(now)
+        # Back off first, then pick: the choice (and a breaker's trial
+        # slot) is made when the request really goes out.
+        await trio.sleep(group.retry.backoff(attempt - 1, self.rng))
+        try:
+            target = balancer.pick(request, now=self.current_time(), exclude=tried)
+        except NoHealthyUpstream:
+            return None
+        record.retries += 1
+        log.info("retrying %s on %s: %s", record.request_id.decode(), target.name, last_error)
+        return target
+
+    def upstream_headers(
+        self,
+        request: RequestHead,
+        route: Route,
+        origin: Origin,
+        downstream: Downstream | WebSocketDownstream,
+        record: ExchangeLog,
+    ) -> Headers:
+        """The request's header fields as they go to ``origin``: hop-by-hop fields
+        removed, ``X-Forwarded-*``, ``Via`` and ``X-Request-ID`` set, then the
+        route's request header rules (for HTTP exchanges and WebSocket upgrades)."""
+        group = route.group
+        assert group is not None
+        headers = upstream_request_headers(
+            request.headers,
+            client_addr=downstream.client_addr,
+            scheme=downstream.scheme,
+            upstream_host=origin.host_header,
+            preserve_host=group.preserve_host,
+            request_id=record.request_id,
+            via=via_entry(request.http_version),
+            x_forwarded=route.x_forwarded,
+        )
+        if route.headers.request:
+            headers = route.headers.request.apply(headers, record.values)
+        return headers
+
     async def _attempt(
         self,
         route: Route,
@@ -436,18 +651,7 @@ class Engine:
         origin = target.url.origin
         group = route.group
         assert group is not None
-        headers = upstream_request_headers(
-            request.headers,
-            client_addr=downstream.client_addr,
-            scheme=downstream.scheme,
-            upstream_host=origin.host_header,
-            preserve_host=group.preserve_host,
-            request_id=record.request_id,
-            via=via_entry(request.http_version),
-            x_forwarded=route.x_forwarded,
-        )
-        if route.headers.request:
-            headers = route.headers.request.apply(headers, record.values)
+        headers = self.upstream_headers(request, route, origin, downstream, record)
         if chunked:
             headers.append((b"transfer-encoding", b"chunked"))
         upstream_request = RequestHead(
@@ -817,6 +1021,69 @@ class Engine:
             await hub.relay(stream, timeout)
         finally:
             record.bytes_out += stream.body_bytes
+
+
+async def _upstream_handshake(
+    upstream: UpstreamWebSocket,
+    downstream: WebSocketDownstream,
+    **handshake: Any,
+) -> Accepted | Refused:
+    """The upstream's handshake, cancelled if the client leaves meanwhile."""
+    answer: Accepted | Refused | None = None
+    error: ProxyError | None = None
+    client_gone = False
+
+    async def watch_client(cancel_scope: trio.CancelScope) -> None:
+        nonlocal client_gone
+        try:
+            await downstream.wait_disconnect()
+        except ClientDisconnected:
+            client_gone = True
+            cancel_scope.cancel()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(watch_client, nursery.cancel_scope)
+        try:
+            answer = await upstream.handshake(**handshake)
+        except ProxyError as exc:
+            error = exc
+        nursery.cancel_scope.cancel()
+    if client_gone:
+        raise ClientDisconnected("client left during the upstream WebSocket handshake")
+    if error is not None:
+        raise error
+    assert answer is not None
+    return answer
+
+
+async def _relay_refusal(
+    answer: Refused,
+    upstream: UpstreamWebSocket,
+    downstream: WebSocketDownstream,
+    record: ExchangeLog,
+    read_timeout: float,
+) -> None:
+    """The upstream's non-101 answer, relayed as the response to the client's request."""
+    headers = answer.headers
+    if get_first(headers, b"transfer-encoding") is not None:
+        # RFC 9112 §6.3 item 3, as for any response.
+        headers = [field for field in headers if field[0] != b"content-length"]
+    head = ResponseHead(
+        answer.status,
+        client_response_headers(headers, request_id=record.request_id, via=via_entry(b"1.1")),
+        reason_phrase(answer.status),
+    )
+    if not answer.has_body:
+        await downstream.send_parts(head, [], True)
+        return
+    await downstream.send_parts(head, [], False)
+    try:
+        while data := await upstream.receive_refusal_body(read_timeout):
+            record.bytes_out += len(data)
+            await downstream.send_parts(None, [data], False)
+    except (UpstreamError, UpstreamTimeout) as exc:
+        raise UpstreamBrokenMidBody(exc.detail) from None
+    await downstream.send_parts(None, [], True)
 
 
 async def _transform_body(

@@ -66,6 +66,13 @@ class ClientTimeout(ProxyError):
     reason = "request not received in time"
 
 
+class BadWebSocketRequest(ProxyError):
+    """An upgrade request that is not a valid opening handshake (RFC 6455 §4.2.1)."""
+
+    status = 400
+    reason = "invalid WebSocket handshake"
+
+
 class ClientDisconnected(ProxyError):
     """The client went away; nobody is left to answer."""
 

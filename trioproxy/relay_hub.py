@@ -65,8 +65,15 @@ YIELD_EVERY = 64
 MAX_EVENTS = 256
 READ_SIZE = 65536
 
-_IN = select.EPOLLIN
-_OUT = select.EPOLLOUT
+# Read at import only where they exist: the package imports on every platform
+# (macOS, Windows); the hub itself runs only where ``supported()`` says so.
+_IN: int = getattr(select, "EPOLLIN", 0x001)
+_OUT: int = getattr(select, "EPOLLOUT", 0x004)
+
+
+def supported() -> bool:
+    """Whether this platform can run the stream hub (it needs ``select.epoll``)."""
+    return hasattr(select, "epoll")
 
 
 @attrs.frozen

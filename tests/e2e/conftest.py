@@ -17,7 +17,14 @@ import h11
 import pytest
 import trio
 import upstream_app
-from fixtures import ProxyProcess, read_head, serve_asgi, serve_tcp_handler
+from fixtures import (
+    ProxyProcess,
+    read_head,
+    run_asgi_proxy,
+    run_proxy,
+    serve_asgi,
+    serve_tcp_handler,
+)
 
 Scope = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
@@ -36,6 +43,22 @@ def parser(request: pytest.FixtureRequest) -> str:
     if name == "httptools":
         pytest.importorskip("httptools")
     return name
+
+
+# --- the front end in front of the engine -------------------------------------------------
+
+#: ``front_end(*cli_args)``: an async context manager yielding the running proxy.
+FrontEnd = Callable[..., Any]
+
+
+@pytest.fixture(params=["standalone", "asgi"])
+def front_end(request: pytest.FixtureRequest) -> FrontEnd:
+    """Each front end in turn, started with the same command-line arguments:
+    ``python -m trioproxy ARGS`` (``fixtures.run_proxy``), and the ASGI app in a
+    real ``hypercorn --worker-class trio trioproxy.asgi:app`` process configured by
+    the same arguments (``fixtures.run_asgi_proxy``). The cases that take it are
+    the ones both front ends must pass alike."""
+    return run_proxy if request.param == "standalone" else run_asgi_proxy
 
 
 # --- a raw HTTP/1.1 client ---------------------------------------------------------------

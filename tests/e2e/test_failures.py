@@ -94,8 +94,8 @@ async def fault_upstream(handler: Handler, nursery: trio.Nursery) -> str:
 # --- the upstream fails ----------------------------------------------------------------
 
 
-async def test_upstream_refuses(http_client: httpx.AsyncClient) -> None:
-    async with run_proxy("--upstream", f"http://127.0.0.1:{unused_port()}") as proxy:
+async def test_upstream_refuses(http_client: httpx.AsyncClient, front_end: Any) -> None:
+    async with front_end("--upstream", f"http://127.0.0.1:{unused_port()}") as proxy:
         response = await http_client.get(proxy.url + "/anything")
         assert_short_error(response, 502)
         assert response.headers["content-type"].startswith("text/plain")
@@ -105,14 +105,16 @@ async def test_upstream_refuses(http_client: httpx.AsyncClient) -> None:
 
 
 async def test_upstream_never_answers(
-    nursery: trio.Nursery, http_client: httpx.AsyncClient
+    nursery: trio.Nursery,
+    http_client: httpx.AsyncClient,
+    front_end: Any,
 ) -> None:
     async def never_answer(stream: trio.SocketStream) -> None:
         await read_head(stream)
         await trio.sleep_forever()
 
     url = await fault_upstream(never_answer, nursery)
-    async with run_proxy("--upstream", url, "--read-timeout", "0.5") as proxy:
+    async with front_end("--upstream", url, "--read-timeout", "0.5") as proxy:
         start = trio.current_time()
         response = await http_client.get(proxy.url + "/")
         elapsed = trio.current_time() - start
@@ -121,9 +123,9 @@ async def test_upstream_never_answers(
     assert_clean_log(proxy)
 
 
-async def test_connect_timeout(http_client: httpx.AsyncClient) -> None:
+async def test_connect_timeout(http_client: httpx.AsyncClient, front_end: Any) -> None:
     with stalled_listener() as url:
-        async with run_proxy("--upstream", url, "--connect-timeout", "0.5") as proxy:
+        async with front_end("--upstream", url, "--connect-timeout", "0.5") as proxy:
             start = trio.current_time()
             response = await http_client.get(proxy.url + "/")
             elapsed = trio.current_time() - start
@@ -175,9 +177,10 @@ async def test_upstream_breaks_off_the_body(
     raw_connect: Any,
     handler: Handler,
     parser: str,
+    front_end: Any,
 ) -> None:
     url = await fault_upstream(handler, nursery)
-    async with run_proxy("--http", parser, "--upstream", url) as proxy:
+    async with front_end("--http", parser, "--upstream", url) as proxy:
         # A client library reports the truncation instead of returning a short body.
         with pytest.raises(httpx.RemoteProtocolError):
             await http_client.get(proxy.url + "/")
@@ -289,10 +292,11 @@ async def test_body_over_the_limit(
     raw_connect: Any,
     http_client: httpx.AsyncClient,
     parser: str,
+    front_end: Any,
 ) -> None:
     canned = await canned_upstream(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
     limit = ("--max-body-size", "1000")
-    async with run_proxy("--http", parser, "--upstream", canned.url, *limit) as proxy:
+    async with front_end("--http", parser, "--upstream", canned.url, *limit) as proxy:
         conn = await raw_connect(proxy)
         await conn.send(b"POST /upload HTTP/1.1\r\nHost: p\r\nContent-Length: 2000\r\n\r\n")
         await conn.send(b"x" * 2000)
@@ -301,7 +305,7 @@ async def test_body_over_the_limit(
     # Refused on its Content-Length alone: the upstream never heard of it.
     assert canned.connections == 0
 
-    async with run_proxy("--http", parser, "--upstream", upstream, *limit) as proxy:
+    async with front_end("--http", parser, "--upstream", upstream, *limit) as proxy:
         at_limit = await http_client.post(proxy.url + "/upload", content=b"y" * 1000)
         assert at_limit.status_code == 200
         assert at_limit.json()["len"] == 1000

@@ -130,7 +130,9 @@ async def test_pipelined_requests_are_answered_in_order(
 
 
 async def test_chunked_upload_is_streamed_to_the_upstream(
-    nursery: trio.Nursery, parser: str
+    nursery: trio.Nursery,
+    parser: str,
+    front_end: Any,
 ) -> None:
     """The second part is only sent once the upstream got the first: a proxy that
     buffered the body would deadlock here."""
@@ -169,7 +171,7 @@ async def test_chunked_upload_is_streamed_to_the_upstream(
             yield part
 
     async with (
-        run_proxy("--http", parser, "--upstream", streaming_upstream) as proxy,
+        front_end("--http", parser, "--upstream", streaming_upstream) as proxy,
         httpx.AsyncClient(trust_env=False, timeout=10) as client,
     ):
         response = await client.post(proxy.url + "/upload", content=body())
@@ -179,10 +181,13 @@ async def test_chunked_upload_is_streamed_to_the_upstream(
 
 
 async def test_content_length_upload(
-    upstream: str, http_client: httpx.AsyncClient, parser: str
+    upstream: str,
+    http_client: httpx.AsyncClient,
+    parser: str,
+    front_end: Any,
 ) -> None:
     body = pattern_bytes(1_000_003)
-    async with run_proxy("--http", parser, "--upstream", upstream) as proxy:
+    async with front_end("--http", parser, "--upstream", upstream) as proxy:
         upload = await http_client.put(proxy.url + "/upload", content=body)
         echo = (await http_client.post(proxy.url + "/echo", content=body[:5000])).json()
     assert upload.status_code == 200
@@ -193,10 +198,13 @@ async def test_content_length_upload(
 
 
 async def test_response_bodies_arrive_whole(
-    upstream: str, http_client: httpx.AsyncClient, parser: str
+    upstream: str,
+    http_client: httpx.AsyncClient,
+    parser: str,
+    front_end: Any,
 ) -> None:
     size = 3 * 64 * 1024 + 777
-    async with run_proxy("--http", parser, "--upstream", upstream) as proxy:
+    async with front_end("--http", parser, "--upstream", upstream) as proxy:
         for chunked in (True, False):
             url = proxy.url + f"/bytes/{size}" + ("?chunked=1" if chunked else "")
             digest = hashlib.sha256()
@@ -250,12 +258,14 @@ async def test_204_and_304_have_no_body(upstream: str, raw_connect: Any, parser:
 
 
 async def test_sse_events_arrive_as_they_are_sent(
-    upstream: str, http_client: httpx.AsyncClient
+    upstream: str,
+    http_client: httpx.AsyncClient,
+    front_end: Any,
 ) -> None:
     lags: list[float] = []
     ids: list[int] = []
     async with (
-        run_proxy("--upstream", upstream) as proxy,
+        front_end("--upstream", upstream) as proxy,
         http_client.stream("GET", proxy.url + "/sse?n=20&interval=0.02") as response,
     ):
         assert response.headers["content-type"] == "text/event-stream"
@@ -279,10 +289,13 @@ async def test_sse_events_arrive_as_they_are_sent(
 
 
 async def test_request_target_is_forwarded_byte_for_byte(
-    upstream: str, raw_connect: Any, parser: str
+    upstream: str,
+    raw_connect: Any,
+    parser: str,
+    front_end: Any,
 ) -> None:
     target = b"/echo/a%2Fb/../c?x=1&x=2"
-    async with run_proxy("--http", parser, "--upstream", upstream) as proxy:
+    async with front_end("--http", parser, "--upstream", upstream) as proxy:
         conn = await raw_connect(proxy)
         await conn.send(b"GET %s HTTP/1.1\r\nHost: proxy\r\n\r\n" % target)
         echo = (await conn.read_response()).json()
@@ -290,9 +303,12 @@ async def test_request_target_is_forwarded_byte_for_byte(
 
 
 async def test_hop_by_hop_headers_are_not_forwarded(
-    upstream: str, raw_connect: Any, parser: str
+    upstream: str,
+    raw_connect: Any,
+    parser: str,
+    front_end: Any,
 ) -> None:
-    async with run_proxy("--http", parser, "--upstream", upstream) as proxy:
+    async with front_end("--http", parser, "--upstream", upstream) as proxy:
         conn = await raw_connect(proxy)
         await conn.send(
             b"GET /echo HTTP/1.1\r\nHost: proxy\r\n"
@@ -353,8 +369,10 @@ async def test_a_response_body_whose_length_connection_names_keeps_its_length(
     assert response.get_all("x-internal") == []
 
 
-async def test_forwarding_headers(upstream: str, raw_connect: Any, parser: str) -> None:
-    async with run_proxy("--http", parser, "--upstream", upstream) as proxy:
+async def test_forwarding_headers(
+    upstream: str, raw_connect: Any, parser: str, front_end: Any
+) -> None:
+    async with front_end("--http", parser, "--upstream", upstream) as proxy:
         conn = await raw_connect(proxy)
         await conn.send(
             b"GET /echo HTTP/1.1\r\nHost: public.example:8443\r\n"
@@ -376,9 +394,11 @@ async def test_forwarding_headers(upstream: str, raw_connect: Any, parser: str) 
 
 
 async def test_forwarded_for_without_a_client_chain(
-    upstream: str, http_client: httpx.AsyncClient
+    upstream: str,
+    http_client: httpx.AsyncClient,
+    front_end: Any,
 ) -> None:
-    async with run_proxy("--upstream", upstream) as proxy:
+    async with front_end("--upstream", upstream) as proxy:
         echo = (await http_client.get(proxy.url + "/echo")).json()
     assert echo_values(echo, "x-forwarded-for") == ["127.0.0.1"]
     assert echo_values(echo, "x-forwarded-host") == [authority(proxy.url)]
@@ -386,9 +406,11 @@ async def test_forwarded_for_without_a_client_chain(
 
 
 async def test_request_id_is_generated_returned_and_forwarded(
-    upstream: str, http_client: httpx.AsyncClient
+    upstream: str,
+    http_client: httpx.AsyncClient,
+    front_end: Any,
 ) -> None:
-    async with run_proxy("--upstream", upstream) as proxy:
+    async with front_end("--upstream", upstream) as proxy:
         first = await http_client.get(proxy.url + "/echo")
         second = await http_client.get(proxy.url + "/echo")
         mine = await http_client.get(proxy.url + "/echo", headers={"X-Request-ID": "my-id-42"})
@@ -404,9 +426,12 @@ async def test_request_id_is_generated_returned_and_forwarded(
 
 
 async def test_set_cookie_and_cache_control_pass_unchanged(
-    upstream: str, raw_connect: Any, parser: str
+    upstream: str,
+    raw_connect: Any,
+    parser: str,
+    front_end: Any,
 ) -> None:
-    async with run_proxy("--http", parser, "--upstream", upstream) as proxy:
+    async with front_end("--http", parser, "--upstream", upstream) as proxy:
         conn = await raw_connect(proxy)
         await conn.send(b"GET /cookies HTTP/1.1\r\nHost: proxy\r\n\r\n")
         response = await conn.read_response()
@@ -415,7 +440,10 @@ async def test_set_cookie_and_cache_control_pass_unchanged(
 
 
 async def test_content_encoding_is_not_decoded(
-    canned_upstream: Any, raw_connect: Any, parser: str
+    canned_upstream: Any,
+    raw_connect: Any,
+    parser: str,
+    front_end: Any,
 ) -> None:
     compressed = gzip.compress(b"hello, compressed world\n" * 200, mtime=0)
     canned = await canned_upstream(
@@ -426,7 +454,7 @@ async def test_content_encoding_is_not_decoded(
         b"Vary: Accept-Encoding\r\n"
         b"Content-Length: %d\r\n\r\n" % len(compressed) + compressed
     )
-    async with run_proxy("--http", parser, "--upstream", canned.url) as proxy:
+    async with front_end("--http", parser, "--upstream", canned.url) as proxy:
         conn = await raw_connect(proxy)
         await conn.send(b"GET /text HTTP/1.1\r\nHost: proxy\r\nAccept-Encoding: gzip\r\n\r\n")
         response = await conn.read_response()
@@ -441,13 +469,15 @@ async def test_content_encoding_is_not_decoded(
 # --- configuration -------------------------------------------------------------------
 
 
-async def test_host_header_default_and_preserved(upstream: str, raw_connect: Any) -> None:
+async def test_host_header_default_and_preserved(
+    upstream: str, raw_connect: Any, front_end: Any
+) -> None:
     request = b"GET /echo HTTP/1.1\r\nHost: public.example:8443\r\n\r\n"
-    async with run_proxy("--upstream", upstream) as proxy:
+    async with front_end("--upstream", upstream) as proxy:
         conn = await raw_connect(proxy)
         await conn.send(request)
         default = (await conn.read_response()).json()
-    async with run_proxy("--upstream", upstream, "--preserve-host") as proxy:
+    async with front_end("--upstream", upstream, "--preserve-host") as proxy:
         conn = await raw_connect(proxy)
         await conn.send(request)
         preserved = (await conn.read_response()).json()
@@ -456,8 +486,10 @@ async def test_host_header_default_and_preserved(upstream: str, raw_connect: Any
 
 
 @pytest.mark.parametrize("prefix", ["/echo", "/echo/"])
-async def test_upstream_path_prefix(upstream: str, raw_connect: Any, prefix: str) -> None:
-    async with run_proxy("--upstream", upstream + prefix) as proxy:
+async def test_upstream_path_prefix(
+    upstream: str, raw_connect: Any, prefix: str, front_end: Any
+) -> None:
+    async with front_end("--upstream", upstream + prefix) as proxy:
         conn = await raw_connect(proxy)
         targets = []
         for target in (b"/a/b?q=1&q=2", b"/"):
@@ -467,10 +499,12 @@ async def test_upstream_path_prefix(upstream: str, raw_connect: Any, prefix: str
 
 
 async def test_round_robin_over_several_upstreams(
-    named_upstream: Callable[[str], Awaitable[str]], http_client: httpx.AsyncClient
+    named_upstream: Callable[[str], Awaitable[str]],
+    http_client: httpx.AsyncClient,
+    front_end: Any,
 ) -> None:
     a, b = await named_upstream("A"), await named_upstream("B")
-    async with run_proxy("--upstream", a, "--upstream", b) as proxy:
+    async with front_end("--upstream", a, "--upstream", b) as proxy:
         names = [(await http_client.get(proxy.url + "/")).text for _ in range(6)]
     assert sorted(set(names)) == ["A", "B"]
     assert all(x != y for x, y in itertools.pairwise(names)), names

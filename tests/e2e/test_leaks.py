@@ -12,6 +12,7 @@ from __future__ import annotations
 import itertools
 from collections.abc import Awaitable, Callable
 from functools import partial
+from typing import Any
 
 import pytest
 import trio
@@ -73,11 +74,12 @@ def _release_times(record: UpstreamRecord, left_at: dict[str, float]) -> list[fl
 @pytest.mark.timeout(60)
 async def test_200_aborted_downloads_release_fds_upstreams_and_memory(
     nursery: trio.Nursery,
+    front_end: Any,
 ) -> None:
     record, url = await _start_upstream(nursery)
     left_at: dict[str, float] = {}
     targets = [f"/big/{i}" for i in range(200)]
-    async with run_proxy("--upstream", url, "--log-level", "warning") as proxy:
+    async with front_end("--upstream", url, "--log-level", "warning") as proxy:
         baseline = fd_count(proxy.pid)
         with trio.fail_after(40), RssMonitor(proxy.pid) as rss:
             # The first 20 warm the process up (allocator arenas, lazy imports); the
@@ -114,10 +116,12 @@ async def test_200_aborted_downloads_release_fds_upstreams_and_memory(
 
 @pytest.mark.parametrize("how", ["close", "reset"])
 async def test_client_leaving_before_the_response_head_closes_the_upstream(
-    nursery: trio.Nursery, how: str
+    nursery: trio.Nursery,
+    how: str,
+    front_end: Any,
 ) -> None:
     record, url = await _start_upstream(nursery)
-    async with run_proxy("--upstream", url, "--log-level", "warning") as proxy:
+    async with front_end("--upstream", url, "--log-level", "warning") as proxy:
         baseline = fd_count(proxy.pid)
         with trio.fail_after(10):
             target = "/think/1"

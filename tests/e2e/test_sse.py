@@ -15,13 +15,14 @@ import itertools
 import json
 import statistics
 import time
+from typing import Any
 
 import attrs
 import h11
 import pytest
 import trio
 from e2e.resources import READ_SIZE, open_request, response_head
-from fixtures import run_proxy, serve_tcp_handler
+from fixtures import serve_tcp_handler
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -113,9 +114,9 @@ async def read_sse(
     )
 
 
-async def test_1000_events_arrive_in_order_within_50ms(upstream: str) -> None:
+async def test_1000_events_arrive_in_order_within_50ms(upstream: str, front_end: Any) -> None:
     count = 1000
-    async with run_proxy("--upstream", upstream) as proxy:
+    async with front_end("--upstream", upstream) as proxy:
         with trio.fail_after(20):
             response = await read_sse(proxy.host, proxy.port, f"/sse?n={count}&interval=0.002")
     latencies = [arrived - json.loads(fields["data"])["t"] for fields, arrived in response.events]
@@ -140,8 +141,8 @@ async def test_1000_events_arrive_in_order_within_50ms(upstream: str) -> None:
     assert not any(b == a + 1 for a, b in itertools.pairwise(indexes)), late
 
 
-async def test_last_event_id_reaches_the_upstream(upstream: str) -> None:
-    async with run_proxy("--upstream", upstream) as proxy:
+async def test_last_event_id_reaches_the_upstream(upstream: str, front_end: Any) -> None:
+    async with front_end("--upstream", upstream) as proxy:
         response = await read_sse(
             proxy.host, proxy.port, "/sse?n=2", [("Last-Event-ID", "41"), ("X-Trace", "t-1")]
         )
@@ -212,6 +213,7 @@ def _chunk(data: bytes) -> bytes:
 
 async def test_heartbeats_keep_a_stream_longer_than_the_read_timeout_open(
     nursery: trio.Nursery,
+    front_end: Any,
 ) -> None:
     """--read-timeout 0.5, heartbeats every 0.2 s for 2.4 s: the stream is not cut, since
     the timeout counts from the last read, not from the request."""
@@ -221,7 +223,7 @@ async def test_heartbeats_keep_a_stream_longer_than_the_read_timeout_open(
         await _serve_heartbeats(stream, 12, 0.2, closed)
 
     host, port = await serve_tcp_handler(handler, nursery)
-    async with run_proxy("--upstream", f"http://{host}:{port}", "--read-timeout", "0.5") as proxy:
+    async with front_end("--upstream", f"http://{host}:{port}", "--read-timeout", "0.5") as proxy:
         started = trio.current_time()
         with trio.fail_after(10):
             response = await read_sse(proxy.host, proxy.port, "/stream")
@@ -234,6 +236,7 @@ async def test_heartbeats_keep_a_stream_longer_than_the_read_timeout_open(
 
 async def test_silence_longer_than_the_read_timeout_cuts_the_stream(
     nursery: trio.Nursery,
+    front_end: Any,
 ) -> None:
     """The other side of the rule: heartbeats 0.8 s apart with --read-timeout 0.5 end the
     stream, and the client sees it cut (no last chunk), not ended."""
@@ -243,7 +246,7 @@ async def test_silence_longer_than_the_read_timeout_cuts_the_stream(
         await _serve_heartbeats(stream, 3, 0.8, closed)
 
     host, port = await serve_tcp_handler(handler, nursery)
-    async with run_proxy("--upstream", f"http://{host}:{port}", "--read-timeout", "0.5") as proxy:
+    async with front_end("--upstream", f"http://{host}:{port}", "--read-timeout", "0.5") as proxy:
         with trio.fail_after(10):
             response = await read_sse(proxy.host, proxy.port, "/stream")
     assert response.status == 200
@@ -253,6 +256,7 @@ async def test_silence_longer_than_the_read_timeout_cuts_the_stream(
 
 async def test_client_disconnect_is_seen_by_the_upstream_within_a_second(
     nursery: trio.Nursery,
+    front_end: Any,
 ) -> None:
     closed = Closed()
 
@@ -260,7 +264,7 @@ async def test_client_disconnect_is_seen_by_the_upstream_within_a_second(
         await _serve_heartbeats(stream, 1000, 0.05, closed)
 
     host, port = await serve_tcp_handler(handler, nursery)
-    async with run_proxy("--upstream", f"http://{host}:{port}") as proxy:
+    async with front_end("--upstream", f"http://{host}:{port}") as proxy:
         # Comments are not events: stop reading after the first heartbeat block arrives.
         client = h11.Connection(h11.CLIENT)
         request = h11.Request(method="GET", target="/stream", headers=[("Host", "test")])

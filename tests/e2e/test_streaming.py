@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import statistics
 import time
+from typing import Any
 
 import h11
 import pytest
@@ -47,10 +48,12 @@ def _report(what: str, size: int, seconds: float, rss: RssMonitor) -> None:
 
 
 @pytest.mark.timeout(GIB_CEILING + 15)
-async def test_download_1gib_is_intact_in_bounded_memory(nursery: trio.Nursery) -> None:
+async def test_download_1gib_is_intact_in_bounded_memory(
+    nursery: trio.Nursery, front_end: Any
+) -> None:
     host, port = await serve_tcp_handler(pattern_upstream(GiB), nursery)
     expected = pattern_digest(GiB)
-    async with run_proxy("--upstream", f"http://{host}:{port}") as proxy:
+    async with front_end("--upstream", f"http://{host}:{port}") as proxy:
         with trio.fail_after(GIB_CEILING), RssMonitor(proxy.pid) as rss:
             started = trio.current_time()
             stream = await open_request(
@@ -104,9 +107,11 @@ async def _upload(
 
 
 @pytest.mark.timeout(GIB_CEILING + 15)
-async def test_upload_1gib_content_length_is_intact_in_bounded_memory(upstream: str) -> None:
+async def test_upload_1gib_content_length_is_intact_in_bounded_memory(
+    upstream: str, front_end: Any
+) -> None:
     expected = pattern_digest(GiB)
-    async with run_proxy("--upstream", upstream) as proxy:
+    async with front_end("--upstream", upstream) as proxy:
         with trio.fail_after(GIB_CEILING), RssMonitor(proxy.pid) as rss:
             started = trio.current_time()
             status, answer = await _upload(proxy.host, proxy.port, GiB, chunked=False)
@@ -136,13 +141,14 @@ async def test_upload_256mib_chunked_is_intact_in_bounded_memory(upstream: str) 
 
 async def test_slow_reader_holds_back_the_upstream_not_the_proxy_memory(
     nursery: trio.Nursery,
+    front_end: Any,
 ) -> None:
     """A client that pauses, then reads at a trickle, while the upstream has 512 MiB ready:
     the proxy stops reading the upstream instead of buffering for the client."""
     size = 512 * MiB
     sent = [0]
     host, port = await serve_tcp_handler(pattern_upstream(size, sent), nursery)
-    async with run_proxy("--upstream", f"http://{host}:{port}") as proxy:
+    async with front_end("--upstream", f"http://{host}:{port}") as proxy:
         with trio.fail_after(20), RssMonitor(proxy.pid) as rss:
             stream = await open_request(
                 proxy.host, proxy.port, b"GET /bytes HTTP/1.1\r\nHost: test\r\n\r\n"

@@ -46,17 +46,14 @@ from wsproto.frame_protocol import CloseReason
 from wsproto.handshake import H11Handshake
 from wsproto.utilities import RemoteProtocolError
 
-from trioproxy.errors import NoHealthyUpstream
 from trioproxy.http.protocol import RequestHead
 from trioproxy.server.websocket import (
     CLOSE_REPLY_TIMEOUT,
     CLOSE_TIMEOUT,
-    Balancing,
     Tunnel,
     WebSocketSettings,
     is_websocket_upgrade,
 )
-from trioproxy.upstream.origin import UpstreamURL
 
 # --- a test's WebSocket peer ---------------------------------------------------------------
 
@@ -981,43 +978,3 @@ async def test_is_websocket_upgrade(autojump_clock: MockClock) -> None:
     assert not is_websocket_upgrade(head(*UPGRADE, (b"content-length", b"3")))
     assert is_websocket_upgrade(head(*UPGRADE, (b"content-length", b"0")))
     assert not is_websocket_upgrade(head(*UPGRADE, (b"transfer-encoding", b"chunked")))
-
-
-async def test_balancing_counts_tunnels_and_reports_outcomes(
-    autojump_clock: MockClock,
-) -> None:
-    """The tunnel's view of the real balancer: pick, counting, outcomes, retry limit."""
-    from trioproxy.balance.group import LiveGroup
-    from trioproxy.balance.target import TargetSpec
-    from trioproxy.config.model import RetrySettings, UpstreamGroup
-
-    group = LiveGroup.build(
-        UpstreamGroup(
-            name="ws",
-            servers=(
-                TargetSpec(url=UpstreamURL.parse("http://a.test")),
-                TargetSpec(url=UpstreamURL.parse("http://b.test")),
-            ),
-            retry=RetrySettings(attempts=1),
-        )
-    )
-    balancing = Balancing(group)
-    first = balancing.pick(head())
-    second = balancing.pick(head(), exclude=[first])
-    assert {Balancing.url(first).text, Balancing.url(second).text} == {
-        "http://a.test",
-        "http://b.test",
-    }
-    with pytest.raises(NoHealthyUpstream):
-        balancing.pick(head(), exclude=[first, second])
-    with balancing.track(first):
-        assert (first.inflight, first.tunnels) == (1, 0)
-        with balancing.track(first, tunnel=True):
-            assert (first.inflight, first.tunnels) == (2, 1)
-    assert (first.inflight, first.tunnels) == (0, 0)
-    balancing.report(first, "success", 0.25)
-    assert first.requests == 1 and first.latency == 0.25
-    balancing.report(second, "failure")
-    assert second.failures == 1
-    assert balancing.may_retry(attempts=1)
-    assert not balancing.may_retry(attempts=2)

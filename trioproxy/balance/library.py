@@ -31,7 +31,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
 from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import attrs
 import trio
@@ -44,6 +44,11 @@ from trioproxy.balance.target import Target, TargetSpec
 from trioproxy.errors import NoHealthyUpstream
 from trioproxy.http.protocol import RequestHead
 from trioproxy.upstream.origin import UpstreamURL
+
+if TYPE_CHECKING:
+    from starlette.requests import Request
+    from starlette.responses import Response
+    from starlette.websockets import WebSocket
 
 TargetLike = str | Mapping[str, Any]
 
@@ -236,3 +241,59 @@ class LoadBalancer:
             if self._balancer.available(target, now):
                 return target.name
         return None
+
+    # --- fastapi-reverse-proxy's helpers, on trioproxy's engine (trioproxy.asgi) -------
+
+    async def proxy_pass(
+        self,
+        request: Request,
+        path: str | None = None,
+        timeout: float = 60.0,  # noqa: ASYNC109  (fastapi-reverse-proxy's signature)
+        forward_query: bool = True,
+        additional_headers: Mapping[str, str] | None = None,
+        override_headers: Mapping[str, str] | None = None,
+        override_body: bytes | str | list[Any] | dict[str, Any] | None = None,
+        method: str | None = None,
+        override_host: str | None = None,
+    ) -> Response:
+        """:func:`trioproxy.asgi.proxy_pass` to this balancer's targets: each request
+        to the target the strategy picks, retried on another where safe (503 with
+        ``Retry-After`` when none is healthy)."""
+        from trioproxy.asgi.helpers import proxy_pass
+
+        return await proxy_pass(
+            request,
+            self,
+            path=path,
+            timeout=timeout,
+            forward_query=forward_query,
+            additional_headers=additional_headers,
+            override_headers=override_headers,
+            override_body=override_body,
+            method=method,
+            override_host=override_host,
+        )
+
+    async def proxy_pass_websocket(
+        self,
+        websocket: WebSocket,
+        path: str | None = None,
+        subprotocols: list[str] | None = None,
+        forward_query: bool = True,
+        additional_headers: Mapping[str, str] | None = None,
+        override_headers: Mapping[str, str] | None = None,
+        timeout: float = 10.0,  # noqa: ASYNC109  (fastapi-reverse-proxy's signature)
+    ) -> None:
+        """:func:`trioproxy.asgi.proxy_pass_websocket` to this balancer's targets."""
+        from trioproxy.asgi.helpers import proxy_pass_websocket
+
+        await proxy_pass_websocket(
+            websocket,
+            self,
+            path=path,
+            subprotocols=subprotocols,
+            forward_query=forward_query,
+            additional_headers=additional_headers,
+            override_headers=override_headers,
+            timeout=timeout,
+        )

@@ -166,6 +166,9 @@ class UpstreamConnection:
             return False
         if fd < 0:
             return False
+        if not hasattr(select, "poll"):  # Windows
+            readable, _, errored = select.select([fd], [], [fd], 0)
+            return not (readable or errored)
         poller = select.poll()
         poller.register(fd, select.POLLIN | select.POLLERR | select.POLLHUP)
         return not poller.poll(0)
