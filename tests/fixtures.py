@@ -44,7 +44,9 @@ PROXY_STOP_TIMEOUT = 15.0
 
 # Only a whole line counts: a chunk may end in the middle of the port number. The
 # proxy's "listening on URL" line, or hypercorn's "Running on URL (CTRL + C to quit)".
-_LISTENING = re.compile(rb"(?:listening|Running) on (https?://([^\s:]+):(\d+))(?:\r?\n| \()")
+_LISTENING = re.compile(
+    rb"(?:listening|Running) on (https?://(\[[^\]\s]+\]|[^\s:]+):(\d+))(?:\r?\n| \()"
+)
 
 StreamHandler = Callable[[trio.SocketStream], Awaitable[None]]
 

@@ -68,6 +68,11 @@ FLAGS = (
     "--backend-url",
     "--certfile",
     "--keyfile",
+    "--metrics-path",
+    "--no-metrics",
+    "--metrics-buckets",
+    "--log-format",
+    "--access-log",
 )
 
 
