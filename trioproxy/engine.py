@@ -62,6 +62,7 @@ from trioproxy.errors import (
     UpstreamTimeout,
 )
 from trioproxy.http.headers import (
+    FieldEdit,
     client_response_headers,
     get_first,
     new_request_id,
@@ -75,13 +76,13 @@ from trioproxy.http.protocol import (
     Body,
     EndOfMessage,
     Event,
-    Headers,
     RequestHead,
     ResponseHead,
     _Sentinel,
 )
 from trioproxy.http.transforms import (
     BodyTransformError,
+    FieldEditor,
     TemplateValues,
     format_process_time,
     run_body_transform,
@@ -413,6 +414,7 @@ class Engine:
         origin = target.url.origin
         group = route.group
         assert group is not None
+        editor = route.request_editor
         headers = upstream_request_headers(
             request.headers,
             client_addr=downstream.client_addr,
@@ -421,9 +423,8 @@ class Engine:
             preserve_host=group.preserve_host,
             request_id=record.request_id,
             via=via_entry(request.http_version),
+            edit=None if editor is None else editor.edit(record.values),
         )
-        if route.headers.request:
-            headers = route.headers.request.apply(headers, record.values)
         if chunked:
             headers.append((b"transfer-encoding", b"chunked"))
         upstream_request = RequestHead(
@@ -658,27 +659,32 @@ class Engine:
             # RFC 9112 §6.3 item 3: Transfer-Encoding overrides Content-Length,
             # and a proxy must remove the latter before forwarding.
             headers = [(n, v) for n, v in headers if n != b"content-length"]
+        editor = route.response_editor
         headers = client_response_headers(
-            headers, request_id=record.request_id, via=via_entry(event.http_version)
+            headers,
+            request_id=record.request_id,
+            via=via_entry(event.http_version),
+            edit=None if editor is None else self._response_edit(editor, record),
         )
-        if route.has_transforms:
-            headers = self._transform_response(route, headers, record)
+        if route.cors is not None:
+            headers = route.cors.response_headers(record.origin, headers)
         return ResponseHead(
             status_code=event.status_code,
             headers=headers,
             reason=event.reason or reason_phrase(event.status_code),
         )
 
-    def _transform_response(self, route: Route, headers: Headers, record: ExchangeLog) -> Headers:
-        """The route's response header rules, then its CORS fields."""
+    def _response_edit(self, editor: FieldEditor, record: ExchangeLog) -> FieldEdit:
+        """The route's response header rules with this exchange's values (CORS
+        fields come after them)."""
         values = record.values
         if values is not None:
-            needed = route.placeholders
+            needed = editor.placeholders
             if "server" in needed:
                 values.server = record.upstream.encode("latin-1")
             if "process_time" in needed:
                 values.process_time = format_process_time(record.head_at - record.started)
-        return route.response_headers(headers, values, record.origin)
+        return editor.edit(values)
 
     def prepare_request(
         self, request: RequestHead, route: Route, client_addr: str, record: ExchangeLog
