@@ -701,8 +701,13 @@ class Engine:
             return request
         target, prefix = route.rewrite.apply(request.target)
         if prefix is not None:
-            headers = [(n, v) for n, v in headers if n != b"x-forwarded-prefix"]
-            headers.append((b"x-forwarded-prefix", prefix))
+            for name, _ in headers:
+                if name == b"x-forwarded-prefix":
+                    headers = [(n, v) for n, v in headers if n != b"x-forwarded-prefix"]
+                    headers.append((b"x-forwarded-prefix", prefix))
+                    break
+            else:  # the client sent none
+                headers = [*headers, (b"x-forwarded-prefix", prefix)]
         return RequestHead(request.method, target, headers, request.http_version)
 
     async def _relay_rest(

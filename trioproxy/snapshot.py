@@ -106,15 +106,15 @@ class Route:
         needed = self.placeholders
         if not needed:
             return None
-        headers = request.headers
+        # Positional: the keyword form costs twice as much, on every request.
         return TemplateValues(
-            request_id=request_id,
-            client_ip=client_addr.encode("latin-1") if "client_ip" in needed else b"",
-            host=(get_first(headers, b"host") or b"") if "host" in needed else b"",
-            method=request.method,
-            path=request.target.partition(b"?")[0] if "path" in needed else b"",
-            route=self.name_bytes,
-            upstream=self.upstream_bytes,
+            request_id,  # request_id
+            client_addr.encode("latin-1") if "client_ip" in needed else b"",  # client_ip
+            (get_first(request.headers, b"host") or b"") if "host" in needed else b"",  # host
+            request.method,  # method
+            request.target.partition(b"?")[0] if "path" in needed else b"",  # path
+            self.name_bytes,  # route
+            self.upstream_bytes,  # upstream
         )
 
     def response_headers(

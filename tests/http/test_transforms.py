@@ -50,6 +50,35 @@ def rules_error(**tables: object) -> str:
 # --- path rewrite ------------------------------------------------------------------
 
 
+def _reference_prefix_rewrite(
+    strip: bytes, add: bytes, target: bytes
+) -> tuple[bytes, bytes | None]:
+    """The prefix rules of the module docstring, on the path split from the query."""
+    path, mark, query = target.partition(b"?")
+    if not path.startswith(b"/"):
+        return target, None
+    stripped = None
+    if strip and (path == strip or path.startswith(strip + b"/")):
+        path, stripped = path[len(strip) :], strip
+    return (add + path or b"/") + mark + query, stripped
+
+
+@pytest.mark.parametrize("strip", [None, "/a", "/a/b", "/ab/"])
+@pytest.mark.parametrize("add", [None, "/v1", "/x/y/"])
+def test_prefix_rewrites_answer_as_the_rules_say(strip: str | None, add: str | None) -> None:
+    if strip is None and add is None:
+        return
+    compiled = rewrite(strip_prefix=strip, add_prefix=add)
+    strip_b = (strip or "").rstrip("/").encode()
+    add_b = (add or "").rstrip("/").encode()
+    for target in (
+        b"/", b"/a", b"/a/", b"/a/b", b"/a/b/c", b"/ab", b"/ab/c", b"/a?", b"/a?x=/a",
+        b"/a/b?y", b"/ab?", b"/?a", b"*", b"/a%2Fb", b"//a", b"/a//b", b"/b/a",
+    ):  # fmt: skip
+        expected = _reference_prefix_rewrite(strip_b, add_b, target)
+        assert compiled.apply(target) == expected, target
+
+
 def test_empty_rewrite_compiles_to_nothing() -> None:
     assert compile_rewrite(RewriteSpec(), "routes.r.rewrite") is None
 

@@ -56,7 +56,7 @@ import os
 import random
 from collections.abc import Mapping, Sequence
 from http import HTTPStatus
-from typing import Final
+from typing import Final, TypeAlias
 
 import attrs
 
@@ -158,19 +158,12 @@ class FieldRules:
         object.__setattr__(self, "owned", self.drop & owned)
 
 
-@attrs.define(slots=True)
-class FieldEdit:
-    """One message's header rules with their values: :class:`FieldRules` and the
-    lines to write. A value, never changed once made (not frozen: it may be made
-    per message, and a frozen attrs class costs more to build).
-    """
-
-    rules: FieldRules
-    #: name -> the one line that replaces every line of that name (where the
-    #: first was, else at the end), in the order they are appended.
-    sets: Mapping[bytes, bytes]
-    #: Lines appended after everything else.
-    add: Sequence[tuple[bytes, bytes]] = ()
+#: One message's header rules with their values: the :class:`FieldRules`; name ->
+#: the one line that replaces every line of that name (where the first was, else
+#: at the end), in the order they are appended; the lines appended after
+#: everything else. A plain tuple: it may be made per message, and an attrs
+#: instance costs several times as much to build.
+FieldEdit: TypeAlias = tuple[FieldRules, Mapping[bytes, bytes], Sequence[tuple[bytes, bytes]]]
 
 
 def get_first(headers: Headers, name: bytes) -> bytes | None:
@@ -322,7 +315,7 @@ def upstream_request_headers(
     """
     drop = _drop_set(headers, _REQUEST_DROP)
     if edit is not None:
-        rules = edit.rules
+        rules, sets, add = edit
         # A line a Connection option names is gone before the rules see it: a
         # set line of its name does not take its place.
         if drop is _REQUEST_DROP:
@@ -344,7 +337,7 @@ def upstream_request_headers(
         elif name in drop:
             if edit is not None and name in in_place and name not in placed:
                 placed.add(name)
-                out.append((name, edit.sets[name]))
+                out.append((name, sets[name]))
             continue
         elif name == b"x-forwarded-for":
             if field[1]:
@@ -372,8 +365,8 @@ def upstream_request_headers(
         if placed or rules.owned:
             _finish_edit(out, owned_from, edit, placed)
         else:  # the usual case, without a call
-            out += edit.sets.items()
-            out += edit.add
+            out += sets.items()
+            out += add
     return out
 
 
@@ -400,7 +393,7 @@ def client_response_headers(
     """
     drop = _drop_set(headers, HOP_BY_HOP)
     if edit is not None:
-        rules = edit.rules
+        rules, sets, add = edit
         if drop is HOP_BY_HOP:
             drop, in_place = rules.pass_drop, rules.in_place
         else:
@@ -413,7 +406,7 @@ def client_response_headers(
         if name in drop or name == b"x-request-id":
             if edit is not None and name in in_place and name not in placed:
                 placed.add(name)
-                out.append((name, edit.sets[name]))
+                out.append((name, sets[name]))
             continue
         if name == b"via":
             if field[1]:
@@ -427,8 +420,8 @@ def client_response_headers(
         if placed or rules.owned:
             _finish_edit(out, owned_from, edit, placed)
         else:  # the usual case, without a call
-            out += edit.sets.items()
-            out += edit.add
+            out += sets.items()
+            out += add
     return out
 
 
@@ -436,8 +429,7 @@ def _finish_edit(out: Headers, owned_from: int, edit: FieldEdit, placed: set[byt
     """Apply ``edit`` to the proxy's own fields (``out[0]`` for a request's Host,
     ``out[owned_from:]``), then append the set lines not placed yet and the added
     lines."""
-    rules = edit.rules
-    sets = edit.sets
+    rules, sets, add = edit
     if rules.owned:
         if rules.request and b"host" in rules.owned:
             # A request's Host is first (and its rules may only set it, RFC 9112 §3.2).
@@ -461,7 +453,7 @@ def _finish_edit(out: Headers, owned_from: int, edit: FieldEdit, placed: set[byt
     for name, value in sets.items():
         if name not in placed:
             out.append((name, value))
-    out.extend(edit.add)
+    out.extend(add)
 
 
 _PHRASES: Final = {status.value: status.phrase.encode() for status in HTTPStatus}

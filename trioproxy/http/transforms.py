@@ -128,6 +128,8 @@ class PathRewrite:
             stripped prefix for ``X-Forwarded-Prefix``, or ``None`` when no
             prefix was stripped.
         """
+        if not self.paths and self.regex is None:
+            return self._apply_prefixes(target)
         query = target.find(b"?")
         if query < 0:
             path, rest = target, b""
@@ -153,6 +155,23 @@ class PathRewrite:
         if self.add_prefix:
             path = self.add_prefix + path
         return (path or b"/") + rest, forwarded_prefix
+
+    def _apply_prefixes(self, target: bytes) -> tuple[bytes, bytes | None]:
+        """``apply`` for the prefix rules alone, without splitting off the query
+        first: a prefix starts with "/" and holds no "?", so it starts the target
+        exactly when it starts the path (this runs on every request of the route)."""
+        strip = self.strip_prefix
+        add = self.add_prefix
+        if strip and target.startswith(strip):
+            end = len(strip)
+            rest = target[end:]
+            if not rest or rest[0] == 0x2F or rest[0] == 0x3F:  # "", "/...", "?..."
+                if rest[:1] == b"/":
+                    return add + rest, strip
+                return (add or b"/") + rest, strip
+        if target[:1] != b"/":
+            return target, None  # not origin-form ("*")
+        return (add + target if add else target), None
 
 
 def _prefix(value: str | None, where: str, problems: list[str]) -> bytes:
@@ -445,7 +464,7 @@ class FieldEditor:
 
     rules: FieldRules
     #: The set lines' values in order, the fixed ones written in (b"" where
-    #: ``later_sets`` fills in).
+    #: ``later_sets`` fills in); empty when every value is in ``later_sets``.
     sets: Mapping[bytes, bytes]
     #: The set lines whose value is expanded per message; a lone placeholder
     #: is its name (one attribute to read, no join).
@@ -480,9 +499,15 @@ class FieldEditor:
             fixed_add = tuple((n, _expand(v, None)) for n, v in transform.add)
         fixed = None
         if not later and fixed_add is not None:
-            fixed = FieldEdit(rules, sets, fixed_add)
+            fixed = (rules, sets, fixed_add)
         return cls(
-            rules, sets, tuple(later), fixed_add, transform.add, fixed, transform.placeholders
+            rules,
+            sets if len(later) < len(sets) else {},
+            tuple(later),
+            fixed_add,
+            transform.add,
+            fixed,
+            transform.placeholders,
         )
 
     def edit(self, values: TemplateValues | None) -> FieldEdit:
@@ -496,9 +521,13 @@ class FieldEditor:
             return self.fixed
         if values is None:
             raise ValueError("these header rules use placeholders: pass TemplateValues")
-        sets = dict(self.sets)
+        # Filled in the rules' order: a copy of the fixed values keeps it, and
+        # when there are none the later ones come in that order.
+        sets = dict(self.sets) if self.sets else {}
         for name, template in self.later_sets:
-            if isinstance(template, str):
+            if template == "process_time":  # made here as b"%.3f": nothing to remove
+                sets[name] = values.process_time
+            elif isinstance(template, str):
                 value: bytes = getattr(values, template)
                 sets[name] = value.translate(None, _UNSAFE)
             else:
@@ -506,7 +535,7 @@ class FieldEditor:
         add = self.fixed_add
         if add is None:
             add = tuple((name, _expand(value, values)) for name, value in self.add)
-        return FieldEdit(self.rules, sets, add)
+        return (self.rules, sets, add)
 
 
 @attrs.frozen(slots=True)
