@@ -322,7 +322,7 @@ def upstream_request_headers(
             drop, in_place = rules.pass_drop, rules.in_place
         else:
             drop, in_place = drop | rules.drop, rules.in_place - drop
-        placed: set[bytes] = set()
+        placed: set[bytes] | None = None  # made when a set line takes a line's place
     out: Headers = [(b"host", upstream_host)]
     client_host: bytes | None = None
     forwarded_for: list[bytes] = []
@@ -335,7 +335,11 @@ def upstream_request_headers(
             if client_host is None:
                 client_host = field[1]
         elif name in drop:
-            if edit is not None and name in in_place and name not in placed:
+            if edit is not None and name in in_place:
+                if placed is None:
+                    placed = set()
+                elif name in placed:
+                    continue
                 placed.add(name)
                 out.append((name, sets[name]))
             continue
@@ -362,8 +366,8 @@ def upstream_request_headers(
     out.append((b"via", _extend_chain(via_chain, via)))
     out.append((b"x-request-id", request_id))
     if edit is not None:
-        if placed or rules.owned:
-            _finish_edit(out, owned_from, edit, placed)
+        if placed is not None or rules.owned:
+            _finish_edit(out, owned_from, edit, placed or set())
         else:  # the usual case, without a call
             out += sets.items()
             out += add
@@ -398,13 +402,17 @@ def client_response_headers(
             drop, in_place = rules.pass_drop, rules.in_place
         else:
             drop, in_place = drop | rules.drop, rules.in_place - drop
-        placed: set[bytes] = set()
+        placed: set[bytes] | None = None  # made when a set line takes a line's place
     out: Headers = []
     via_chain: list[bytes] = []
     for field in headers:
         name = field[0]
         if name in drop or name == b"x-request-id":
-            if edit is not None and name in in_place and name not in placed:
+            if edit is not None and name in in_place:
+                if placed is None:
+                    placed = set()
+                elif name in placed:
+                    continue
                 placed.add(name)
                 out.append((name, sets[name]))
             continue
@@ -417,8 +425,8 @@ def client_response_headers(
     out.append((b"via", _extend_chain(via_chain, via)))
     out.append((b"x-request-id", request_id))
     if edit is not None:
-        if placed or rules.owned:
-            _finish_edit(out, owned_from, edit, placed)
+        if placed is not None or rules.owned:
+            _finish_edit(out, owned_from, edit, placed or set())
         else:  # the usual case, without a call
             out += sets.items()
             out += add

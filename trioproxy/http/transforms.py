@@ -129,7 +129,20 @@ class PathRewrite:
             prefix was stripped.
         """
         if not self.paths and self.regex is None:
-            return self._apply_prefixes(target)
+            # The prefix rules alone (on every request of the route): a prefix
+            # starts with "/" and holds no "?", so it starts the target exactly
+            # when it starts the path, and the query needs no split first.
+            strip = self.strip_prefix
+            add = self.add_prefix
+            if strip and target.startswith(strip):
+                rest = target[len(strip) :]
+                if not rest or rest[0] == 0x2F or rest[0] == 0x3F:  # "", "/...", "?..."
+                    if rest[:1] == b"/":
+                        return add + rest, strip
+                    return (add or b"/") + rest, strip
+            if target[:1] != b"/":
+                return target, None  # not origin-form ("*")
+            return (add + target if add else target), None
         query = target.find(b"?")
         if query < 0:
             path, rest = target, b""
@@ -155,23 +168,6 @@ class PathRewrite:
         if self.add_prefix:
             path = self.add_prefix + path
         return (path or b"/") + rest, forwarded_prefix
-
-    def _apply_prefixes(self, target: bytes) -> tuple[bytes, bytes | None]:
-        """``apply`` for the prefix rules alone, without splitting off the query
-        first: a prefix starts with "/" and holds no "?", so it starts the target
-        exactly when it starts the path (this runs on every request of the route)."""
-        strip = self.strip_prefix
-        add = self.add_prefix
-        if strip and target.startswith(strip):
-            end = len(strip)
-            rest = target[end:]
-            if not rest or rest[0] == 0x2F or rest[0] == 0x3F:  # "", "/...", "?..."
-                if rest[:1] == b"/":
-                    return add + rest, strip
-                return (add or b"/") + rest, strip
-        if target[:1] != b"/":
-            return target, None  # not origin-form ("*")
-        return (add + target if add else target), None
 
 
 def _prefix(value: str | None, where: str, problems: list[str]) -> bytes:
