@@ -425,13 +425,15 @@ class Router(Generic[P]):
         else:
             walk = candidates.by_segment.get(parts[1], candidates.others)
         for kind, exact, slashed, search, methods, conditions, payload in walk:
-            if kind == _EXACT:
+            if kind == _ANY:
+                pass  # no path condition, or one every path of this walk meets
+            elif kind == _EXACT:
                 if path != exact:
                     continue
             elif kind == _PREFIX:
                 if not path.startswith(slashed) and path != exact:
                     continue
-            elif kind == _REGEX and search(path) is None:
+            elif search(path) is None:  # _REGEX
                 continue
             if methods is not None and method not in methods:
                 continue

@@ -358,7 +358,6 @@ def upstream_request_headers(
         out[0] = (b"host", client_host)
     if client_addr.startswith("[") and client_addr.endswith("]"):
         client_addr = client_addr[1:-1]
-    owned_from = len(out)
     out.append((b"x-forwarded-for", _extend_chain(forwarded_for, client_addr.encode("ascii"))))
     out.append((b"x-forwarded-proto", scheme.encode("ascii")))
     if client_host is not None:
@@ -367,7 +366,8 @@ def upstream_request_headers(
     out.append((b"x-request-id", request_id))
     if edit is not None:
         if placed is not None or rules.owned:
-            _finish_edit(out, owned_from, edit, placed or set())
+            owned = 5 if client_host is not None else 4  # the fields appended just above
+            _finish_edit(out, len(out) - owned, edit, placed or set())
         else:  # the usual case, without a call
             out += sets.items()
             out += add
@@ -421,12 +421,11 @@ def client_response_headers(
                 via_chain.append(field[1])
         else:
             out.append(field)
-    owned_from = len(out)
     out.append((b"via", _extend_chain(via_chain, via)))
     out.append((b"x-request-id", request_id))
     if edit is not None:
         if placed is not None or rules.owned:
-            _finish_edit(out, owned_from, edit, placed or set())
+            _finish_edit(out, len(out) - 2, edit, placed or set())
         else:  # the usual case, without a call
             out += sets.items()
             out += add
