@@ -136,9 +136,12 @@ class PathRewrite:
             add = self.add_prefix
             if strip and target.startswith(strip):
                 rest = target[len(strip) :]
-                if not rest or rest[0] == 0x2F or rest[0] == 0x3F:  # "", "/...", "?..."
-                    if rest[:1] == b"/":
-                        return add + rest, strip
+                if not rest:
+                    return add or b"/", strip
+                first = rest[0]
+                if first == 0x2F:  # "/"
+                    return add + rest, strip
+                if first == 0x3F:  # "?": the path was the prefix
                     return (add or b"/") + rest, strip
             if target[:1] != b"/":
                 return target, None  # not origin-form ("*")
