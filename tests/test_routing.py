@@ -423,3 +423,87 @@ def test_route_names_that_are_not_bare_keys_are_quoted() -> None:
     assert route_key_path("users") == "routes.users"
     assert route_key_path("api.v1") == 'routes."api.v1"'
     assert config_error(route("api.v1", path="x")).startswith('routes."api.v1".match.path:')
+
+
+def _reference_pick(
+    routes: list[RouteSettings], method: bytes, target: bytes, fields: list[tuple[bytes, bytes]]
+) -> str | None:
+    """The winner by the rules of the module docstring, for routes without hosts,
+    every route checked in full."""
+    import re
+
+    path = target.split(b"?")[0]
+
+    def path_rank(m: MatchSpec) -> tuple[int, int]:
+        if m.path is not None:
+            return (0, 0)
+        if m.path_prefix is not None:
+            return (1, -len(m.path_prefix))
+        return (2, 0) if m.path_regex is not None else (3, 0)
+
+    def holds(m: MatchSpec) -> bool:
+        if m.path is not None and path != m.path.encode():
+            return False
+        if m.path_prefix is not None:
+            prefix = m.path_prefix.encode()
+            slashed = prefix if prefix.endswith(b"/") else prefix + b"/"
+            if not (path == prefix or path.startswith(slashed)):
+                return False
+        if m.path_regex is not None and re.search(m.path_regex.encode(), path) is None:
+            return False
+        if m.methods and method not in {x.upper().encode() for x in m.methods}:
+            return False
+        return all((n.lower().encode(), v.encode()) in fields for n, v in m.headers)
+
+    ranked = sorted(
+        (
+            (-r.priority, *path_rank(r.match), -(bool(r.match.methods) + len(r.match.headers)), i)
+            for i, r in enumerate(routes)
+        ),
+    )
+    for *_, i in ranked:
+        if holds(routes[i].match):
+            return routes[i].name
+    return None
+
+
+@pytest.mark.parametrize("seed", range(30))
+def test_the_split_walk_answers_as_a_walk_of_every_route(seed: int) -> None:
+    import random
+
+    rng = random.Random(seed)
+    segments = ("a", "b", "ab", "")
+    methods = (b"GET", b"POST")
+
+    def some_path() -> str:
+        return "/" + "/".join(rng.choice(segments) for _ in range(rng.randint(0, 3)))
+
+    routes: list[RouteSettings] = []
+    keys: set[tuple[object, ...]] = set()
+    for i in range(rng.randint(1, 12)):
+        kind = rng.choice(("path", "path_prefix", "path_prefix", "path_regex", None))
+        match: dict[str, Any] = {}
+        if kind == "path_regex":
+            match[kind] = rng.choice(("^/a", "b$", "^/(a|b)/", "/ab/"))
+        elif kind is not None:
+            match[kind] = some_path() + rng.choice(("", "", "/"))
+        if rng.random() < 0.3:
+            match["methods"] = (rng.choice(("GET", "POST")),)
+        if rng.random() < 0.2:
+            match["headers"] = (("x-beta", "1"),)
+        candidate = route(f"r{i}", priority=rng.choice((0, 0, 1)), **match)
+        key = (candidate.priority, tuple(sorted(match.items())))
+        if key not in keys:  # the same match twice is a config error
+            keys.add(key)
+            routes.append(candidate)
+    r = router(*routes)
+    for _ in range(60):
+        target = (some_path() + rng.choice(("", "?q=/a", "?"))).encode()
+        method = rng.choice(methods)
+        fields = [(b"host", b"example.org")]
+        if rng.random() < 0.5:
+            fields.append((b"x-beta", b"1"))
+        expected = _reference_pick(routes, method, target, fields)
+        assert r.match(method, target, fields) == expected, (routes, method, target, fields)
+    for odd in (b"*", b"?q"):  # not origin-form; a path that is empty
+        assert r.match(b"OPTIONS", odd, []) == _reference_pick(routes, b"OPTIONS", odd, [])

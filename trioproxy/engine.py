@@ -63,6 +63,7 @@ from trioproxy.errors import (
     UpstreamTimeout,
 )
 from trioproxy.http.headers import (
+    FieldEdit,
     client_response_headers,
     get_first,
     new_request_id,
@@ -83,6 +84,7 @@ from trioproxy.http.protocol import (
 )
 from trioproxy.http.transforms import (
     BodyTransformError,
+    FieldEditor,
     TemplateValues,
     format_process_time,
     run_body_transform,
@@ -622,7 +624,8 @@ class Engine:
         route's request header rules (for HTTP exchanges and WebSocket upgrades)."""
         group = route.group
         assert group is not None
-        headers = upstream_request_headers(
+        editor = route.request_editor
+        return upstream_request_headers(
             request.headers,
             client_addr=downstream.client_addr,
             scheme=downstream.scheme,
@@ -631,10 +634,8 @@ class Engine:
             request_id=record.request_id,
             via=via_entry(request.http_version),
             x_forwarded=route.x_forwarded,
+            edit=None if editor is None else editor.edit(record.values),
         )
-        if route.headers.request:
-            headers = route.headers.request.apply(headers, record.values)
-        return headers
 
     async def _attempt(
         self,
@@ -886,27 +887,32 @@ class Engine:
             # RFC 9112 §6.3 item 3: Transfer-Encoding overrides Content-Length,
             # and a proxy must remove the latter before forwarding.
             headers = [(n, v) for n, v in headers if n != b"content-length"]
+        editor = route.response_editor
         headers = client_response_headers(
-            headers, request_id=record.request_id, via=via_entry(event.http_version)
+            headers,
+            request_id=record.request_id,
+            via=via_entry(event.http_version),
+            edit=None if editor is None else self._response_edit(editor, record),
         )
-        if route.has_transforms:
-            headers = self._transform_response(route, headers, record)
+        if route.cors is not None:
+            headers = route.cors.response_headers(record.origin, headers)
         return ResponseHead(
             status_code=event.status_code,
             headers=headers,
             reason=event.reason or reason_phrase(event.status_code),
         )
 
-    def _transform_response(self, route: Route, headers: Headers, record: ExchangeLog) -> Headers:
-        """The route's response header rules, then its CORS fields."""
+    def _response_edit(self, editor: FieldEditor, record: ExchangeLog) -> FieldEdit:
+        """The route's response header rules with this exchange's values (CORS
+        fields come after them)."""
         values = record.values
         if values is not None:
-            needed = route.placeholders
+            needed = editor.placeholders
             if "server" in needed:
                 values.server = record.upstream.encode("latin-1")
             if "process_time" in needed:
                 values.process_time = format_process_time(record.head_at - record.started)
-        return route.response_headers(headers, values, record.origin)
+        return editor.edit(values)
 
     def prepare_request(
         self, request: RequestHead, route: Route, client_addr: str, record: ExchangeLog
@@ -925,8 +931,13 @@ class Engine:
             return request
         target, prefix = route.rewrite.apply(request.target)
         if prefix is not None:
-            headers = [(n, v) for n, v in headers if n != b"x-forwarded-prefix"]
-            headers.append((b"x-forwarded-prefix", prefix))
+            for name, _ in headers:
+                if name == b"x-forwarded-prefix":
+                    headers = [(n, v) for n, v in headers if n != b"x-forwarded-prefix"]
+                    headers.append((b"x-forwarded-prefix", prefix))
+                    break
+            else:  # the client sent none
+                headers = [*headers, (b"x-forwarded-prefix", prefix)]
         return RequestHead(request.method, target, headers, request.http_version)
 
     async def _relay_rest(

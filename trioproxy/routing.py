@@ -47,8 +47,10 @@ once (only when some route has a host condition) and finds its list with one
 dict lookup (plus one per dot of the host for wildcards; the answer is kept
 per ``Host`` value, up to ``_HOST_CACHE_SIZE`` of them), then one lookup for
 the segment, and walks that list until the first entry whose path and
-conditions hold. A single route with no condition, or any router whose first
-candidate is always such a route, answers without looking at the request.
+conditions hold; in the list of its own segment, a prefix of that one whole
+segment (``/users``) needs no comparison. A single route with no condition, or
+any router whose first candidate is always such a route, answers without
+looking at the request.
 """
 
 from __future__ import annotations
@@ -59,7 +61,6 @@ from typing import Final, Generic, TypeAlias, TypeVar
 
 from trioproxy.config.errors import ConfigError
 from trioproxy.config.model import MatchSpec, RouteSettings
-from trioproxy.http.headers import get_first
 from trioproxy.http.protocol import Headers
 from trioproxy.http.syntax import field_value_problem, is_token, key, path_problem, quoted
 
@@ -113,6 +114,10 @@ class _Candidates(Generic[P]):
     prefix's first segment and its ``/`` (or is the prefix). A regex, the prefix
     ``/`` and a route with no path condition may match any path: they are in
     every split, and alone in ``others`` (for a segment no route names).
+
+    In a split, a prefix of one whole segment (``/users``) and the prefix ``/``
+    match every path there is asked for: they are kept as routes without a path
+    condition, so the walk does not compare the path again.
     """
 
     __slots__ = ("all", "by_segment", "others")
@@ -126,20 +131,24 @@ class _Candidates(Generic[P]):
                 segments[_first_segment(path)] = None
             else:
                 anywhere.add(i)
-        self.others = [c for i, c in enumerate(candidates) if i in anywhere]
+        self.others = [_matched(c, b"") for i, c in enumerate(candidates) if i in anywhere]
         self.by_segment = {
             segment: [
-                c
+                _matched(c, segment)
                 for i, c in enumerate(candidates)
                 if i in anywhere or _first_segment(c[1]) == segment
             ]
             for segment in segments
         }
 
-    def for_path(self, path: bytes) -> list[_Candidate[P]]:
-        if not path.startswith(b"/"):
-            return self.all  # "*": only a regex or a route without path may match
-        return self.by_segment.get(_first_segment(path), self.others)
+
+def _matched(candidate: _Candidate[P], segment: bytes) -> _Candidate[P]:
+    """``candidate`` in the split of ``segment`` (b"" for ``others``): a prefix that
+    every path of the split matches becomes a route without a path condition."""
+    kind, path, slashed, search, methods, conditions, payload = candidate
+    if kind == _PREFIX and (path == b"/" or path == b"/" + segment):
+        return (_ANY, path, slashed, search, methods, conditions, payload)
+    return candidate
 
 
 def route_key_path(name: str) -> str:
@@ -401,22 +410,30 @@ class Router(Generic[P]):
             return self._always[0]
         candidates = self._default
         if self._uses_host:
-            host = get_first(headers, b"host")
-            if host is not None:
-                found = self._for_host_value.get(host)
-                if found is None:
-                    found = self._candidates_for_host(host)
-                candidates = found
-        query = target.find(b"?")
-        path = target if query < 0 else target[:query]
-        for kind, exact, slashed, search, methods, conditions, payload in candidates.for_path(path):
-            if kind == _EXACT:
+            for name, host in headers:  # get_first, without a call
+                if name == b"host":
+                    found = self._for_host_value.get(host)
+                    if found is None:
+                        found = self._candidates_for_host(host)
+                    candidates = found
+                    break
+        path = target.partition(b"?")[0]
+        # The path's split: [b"", segment, ...] when it starts with "/" (one C call).
+        parts = path.split(b"/", 2)
+        if parts[0] or len(parts) == 1:
+            walk = candidates.all  # "*": only a regex or a route without path may match
+        else:
+            walk = candidates.by_segment.get(parts[1], candidates.others)
+        for kind, exact, slashed, search, methods, conditions, payload in walk:
+            if kind == _ANY:
+                pass  # no path condition, or one every path of this walk meets
+            elif kind == _EXACT:
                 if path != exact:
                     continue
             elif kind == _PREFIX:
                 if not path.startswith(slashed) and path != exact:
                     continue
-            elif kind == _REGEX and search(path) is None:
+            elif search(path) is None:  # _REGEX
                 continue
             if methods is not None and method not in methods:
                 continue

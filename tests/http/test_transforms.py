@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import random
 import textwrap
 from pathlib import Path
 
@@ -7,10 +8,12 @@ import pytest
 
 from trioproxy.config.errors import ConfigError
 from trioproxy.config.model import HeaderRules, RewriteSpec
+from trioproxy.http.headers import client_response_headers, upstream_request_headers
 from trioproxy.http.protocol import Headers
 from trioproxy.http.transforms import (
     REQUEST_PLACEHOLDERS,
     BodyTransformError,
+    FieldEditor,
     HeaderRuleSet,
     PathRewrite,
     TemplateValues,
@@ -45,6 +48,35 @@ def rules_error(**tables: object) -> str:
 
 
 # --- path rewrite ------------------------------------------------------------------
+
+
+def _reference_prefix_rewrite(
+    strip: bytes, add: bytes, target: bytes
+) -> tuple[bytes, bytes | None]:
+    """The prefix rules of the module docstring, on the path split from the query."""
+    path, mark, query = target.partition(b"?")
+    if not path.startswith(b"/"):
+        return target, None
+    stripped = None
+    if strip and (path == strip or path.startswith(strip + b"/")):
+        path, stripped = path[len(strip) :], strip
+    return (add + path or b"/") + mark + query, stripped
+
+
+@pytest.mark.parametrize("strip", [None, "/a", "/a/b", "/ab/"])
+@pytest.mark.parametrize("add", [None, "/v1", "/x/y/"])
+def test_prefix_rewrites_answer_as_the_rules_say(strip: str | None, add: str | None) -> None:
+    if strip is None and add is None:
+        return
+    compiled = rewrite(strip_prefix=strip, add_prefix=add)
+    strip_b = (strip or "").rstrip("/").encode()
+    add_b = (add or "").rstrip("/").encode()
+    for target in (
+        b"/", b"/a", b"/a/", b"/a/b", b"/a/b/c", b"/ab", b"/ab/c", b"/a?", b"/a?x=/a",
+        b"/a/b?y", b"/ab?", b"/?a", b"*", b"/a%2Fb", b"//a", b"/a//b", b"/b/a",
+    ):  # fmt: skip
+        expected = _reference_prefix_rewrite(strip_b, add_b, target)
+        assert compiled.apply(target) == expected, target
 
 
 def test_empty_rewrite_compiles_to_nothing() -> None:
@@ -400,6 +432,143 @@ def test_every_header_rule_problem_is_listed() -> None:
 def test_template_without_values_is_a_wiring_error() -> None:
     with pytest.raises(ValueError, match="TemplateValues"):
         rules(request_set=(("x-id", "{request_id}"),)).request.apply([])
+
+
+# --- the rules folded into the pass that builds the fields ----------------------------
+
+# Names a rule may touch: forwarded ones (repeated, absent), the proxy's own, one the
+# client's Connection names, one the proxy drops on its own (Expect).
+_FOLD_REQUEST_NAMES = (
+    "x-tag", "x-absent", "x-forwarded-for", "x-forwarded-host", "x-forwarded-proto", "via",
+    "x-request-id", "x-hop", "expect", "x-forwarded-prefix",
+)  # fmt: skip
+_FOLD_RESPONSE_NAMES = (
+    "x-tag", "x-absent", "server", "via", "x-request-id", "x-hop", "host", "set-cookie",
+)  # fmt: skip
+_FOLD_VALUES = ("fixed", "{client_ip}", "{route}-{method} {path}", "{{x}}{request_id}")
+_FOLD_RESPONSE_VALUES = (*_FOLD_VALUES, "{process_time}", "{server};{host}")
+
+
+def _random_tables(
+    rng: random.Random, names: tuple[str, ...], values: tuple[str, ...], direction: str
+) -> dict[str, object]:
+    chosen = rng.sample(names, rng.randint(1, 4))
+    sets, adds, removes = [], [], []
+    for name in chosen:
+        ops = rng.choice(("remove", "set", "add", "remove set", "set add", "remove add"))
+        if "remove" in ops:
+            removes.append(name)
+        if "set" in ops:
+            sets.append((name, rng.choice(values)))
+        if "add" in ops:
+            adds.append((name, rng.choice(values)))
+    if direction == "request" and rng.random() < 0.3:
+        sets.append(("host", rng.choice(values)))
+    return {
+        f"{direction}_set": tuple(sets),
+        f"{direction}_add": tuple(adds),
+        f"{direction}_remove": tuple(removes),
+    }
+
+
+_FOLD_REQUESTS: list[Headers] = [
+    [(b"host", b"example.com")],
+    [
+        (b"host", b"example.com"),
+        (b"x-tag", b"one"),
+        (b"x-forwarded-for", b"10.0.0.1"),
+        (b"accept", b"*/*"),
+        (b"x-tag", b"two"),
+        (b"via", b"1.0 edge"),
+        (b"x-request-id", b"client-id"),
+        (b"expect", b"100-continue"),
+        (b"x-forwarded-prefix", b"/api"),
+        (b"x-hop", b"1"),
+        (b"connection", b"keep-alive, X-Hop"),
+    ],
+    [(b"x-tag", b"a"), (b"connection", b"x-tag"), (b"x-forwarded-host", b"h"), (b"x-tag", b"b")],
+]
+_FOLD_RESPONSES: list[Headers] = [
+    [(b"content-length", b"2")],
+    [
+        (b"server", b"nginx"),
+        (b"x-tag", b"one"),
+        (b"set-cookie", b"a=1"),
+        (b"via", b"1.1 origin"),
+        (b"x-request-id", b"upstream-id"),
+        (b"set-cookie", b"b=2"),
+        (b"x-tag", b"two"),
+        (b"x-hop", b"1"),
+        (b"connection", b"keep-alive, x-hop"),
+        (b"host", b"odd"),
+    ],
+    [(b"x-tag", b"a"), (b"connection", b"X-Tag"), (b"x-tag", b"b"), (b"keep-alive", b"5")],
+]
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_request_rules_folded_into_the_upstream_fields_pass_as_applied_after_it(
+    seed: int,
+) -> None:
+    rng = random.Random(seed)
+    for _ in range(10):
+        ruleset = rules(**_random_tables(rng, _FOLD_REQUEST_NAMES, _FOLD_VALUES, "request"))
+        editor = FieldEditor.of(ruleset.request, request=True)
+        assert editor is not None
+        for fields in _FOLD_REQUESTS:
+            common = dict(
+                client_addr="10.0.0.9",
+                scheme="http",
+                upstream_host=b"backend:8080",
+                preserve_host=rng.random() < 0.5,
+                request_id=b"rid-1",
+                # [server] forwarded = "rfc7239": no X-Forwarded-* of the proxy's own.
+                x_forwarded=rng.random() < 0.7,
+            )
+            built = upstream_request_headers(fields, **common)  # type: ignore[arg-type]
+            folded = upstream_request_headers(
+                fields,
+                **common,  # type: ignore[arg-type]
+                edit=editor.edit(VALUES),
+            )
+            assert folded == ruleset.request.apply(built, VALUES), (ruleset, fields)
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_response_rules_folded_into_the_client_fields_pass_as_applied_after_it(
+    seed: int,
+) -> None:
+    rng = random.Random(seed)
+    for _ in range(10):
+        ruleset = rules(
+            **_random_tables(rng, _FOLD_RESPONSE_NAMES, _FOLD_RESPONSE_VALUES, "response")
+        )
+        editor = FieldEditor.of(ruleset.response, request=False)
+        assert editor is not None
+        for fields in _FOLD_RESPONSES:
+            built = client_response_headers(fields, request_id=b"rid-1")
+            folded = client_response_headers(fields, request_id=b"rid-1", edit=editor.edit(VALUES))
+            assert folded == ruleset.response.apply(built, VALUES), (ruleset, fields)
+
+
+def test_an_editor_without_rules_is_none_and_a_fixed_one_is_made_once() -> None:
+    assert FieldEditor.of(rules().request, request=True) is None
+    editor = FieldEditor.of(rules(request_set=(("x-a", "1"),)).request, request=True)
+    assert editor is not None
+    assert editor.edit(None) is editor.edit(None)
+
+
+def test_bound_route_values_expand_as_the_template_values_would() -> None:
+    ruleset = rules(
+        request_set=(("x-r", "{route}/{upstream}"), ("x-m", "{{{route}}} {method}")),
+        response_add=(("x-u", "{upstream}"),),
+    )
+    bound = ruleset.bind({"route": b"users\x01", "upstream": b"api"})
+    assert bound.request.placeholders == {"method"}
+    assert not bound.response.placeholders
+    values = TemplateValues(method=b"GET", route=b"users\x01", upstream=b"api")
+    assert bound.request.apply([], values) == ruleset.request.apply([], values)
+    assert bound.response.apply([]) == ruleset.response.apply([], values) == [(b"x-u", b"api")]
 
 
 # --- body transform ----------------------------------------------------------------

@@ -36,6 +36,14 @@ lines stay separate (they cannot be comma-joined, RFC 6265 §3), and
 ``Cache-Control``, ``Content-Length`` and ``Content-Encoding`` are the
 endpoints' business.
 
+A route's header rules (``trioproxy.http.transforms``: remove, set, add) edit
+the fields built here, the proxy's own included. Rather than a second pass over
+the result, they come as a :class:`FieldEdit` and are applied in the same pass,
+with the same outcome as ``HeaderTransform.apply`` on the fields built without
+them: a removed or set name is filtered with the hop-by-hop ones; a set line
+takes the place of the first forwarded line of its name, else of the proxy's
+own line of that name, else goes at the end, followed by the added lines.
+
 Cost. A rule that needs ``Connection`` makes one pass to read it and one to
 filter; the common message without a ``Connection`` option outside the fixed
 set filters against that set alone. No regexes, and the owned fields are
@@ -46,13 +54,18 @@ from __future__ import annotations
 
 import os
 import random
+from collections.abc import Mapping, Sequence
 from http import HTTPStatus
-from typing import Final
+from typing import Final, TypeAlias
+
+import attrs
 
 from trioproxy.http.protocol import Headers
 
 __all__ = [
     "HOP_BY_HOP",
+    "FieldEdit",
+    "FieldRules",
     "client_response_headers",
     "comma_tokens",
     "get_all",
@@ -96,6 +109,61 @@ _NEVER_CONNECTION_OPTIONS: Final[frozenset[bytes]] = frozenset(
 # Dropped from the upstream request on top of the hop-by-hop fields.
 _REQUEST_EXTRA: Final[frozenset[bytes]] = frozenset({b"expect"})
 _REQUEST_DROP: Final[frozenset[bytes]] = HOP_BY_HOP | _REQUEST_EXTRA
+
+# The fields the proxy writes itself, per direction. The peer's lines of these
+# names never reach the result as they came, so a header rule's set line for one
+# of them takes the place of the proxy's line, never of the peer's.
+_REQUEST_OWNED: Final[frozenset[bytes]] = frozenset(
+    {
+        b"host",
+        b"x-forwarded-for",
+        b"x-forwarded-proto",
+        b"x-forwarded-host",
+        b"via",
+        b"x-request-id",
+    }
+)
+_RESPONSE_OWNED: Final[frozenset[bytes]] = frozenset({b"via", b"x-request-id"})
+
+
+@attrs.frozen(slots=True)
+class FieldRules:
+    """Which names one direction's header rules remove or set, in the form the pass
+    that builds that direction's fields reads; made once per route.
+
+    Args:
+        drop: every name removed or set (lowercase).
+        set_names: the names set (a subset of ``drop``).
+        request: rules for the upstream request (else for the client's response).
+    """
+
+    drop: frozenset[bytes]
+    set_names: frozenset[bytes]
+    request: bool
+    #: The names the pass filters out when ``Connection`` names none: its own
+    #: and ``drop``.
+    pass_drop: frozenset[bytes] = attrs.field(init=False)
+    #: Set names whose line may take the place of a forwarded line: neither
+    #: dropped on its own (hop-by-hop, ``Expect``) nor written by the proxy.
+    in_place: frozenset[bytes] = attrs.field(init=False)
+    #: The names of the proxy's own fields that the rules remove or set.
+    owned: frozenset[bytes] = attrs.field(init=False)
+
+    def __attrs_post_init__(self) -> None:
+        base, owned = (
+            (_REQUEST_DROP, _REQUEST_OWNED) if self.request else (HOP_BY_HOP, _RESPONSE_OWNED)
+        )
+        object.__setattr__(self, "pass_drop", base | self.drop)
+        object.__setattr__(self, "in_place", self.set_names - base - owned)
+        object.__setattr__(self, "owned", self.drop & owned)
+
+
+#: One message's header rules with their values: the :class:`FieldRules`; name ->
+#: the one line that replaces every line of that name (where the first was, else
+#: at the end), in the order they are appended; the lines appended after
+#: everything else. A plain tuple: it may be made per message, and an attrs
+#: instance costs several times as much to build.
+FieldEdit: TypeAlias = tuple[FieldRules, Mapping[bytes, bytes], Sequence[tuple[bytes, bytes]]]
 
 
 def get_first(headers: Headers, name: bytes) -> bytes | None:
@@ -222,6 +290,7 @@ def upstream_request_headers(
     request_id: bytes,
     via: bytes = b"1.1 trioproxy",
     x_forwarded: bool = True,
+    edit: FieldEdit | None = None,
 ) -> Headers:
     """Build the fields the proxy sends upstream from the client's request fields.
 
@@ -238,14 +307,26 @@ def upstream_request_headers(
         x_forwarded: write ``X-Forwarded-For``/``-Proto``/``-Host``; False drops
             them, the client's included (``[server] forwarded = "rfc7239"``: the
             ``Forwarded`` field, see ``trioproxy.edge.identity``, says it instead).
+        edit: the route's request header rules, applied in the same pass (see
+            the module docstring).
 
     Returns:
         A new list: ``Host`` first, then the client's other forwardable fields
         in order, then ``X-Forwarded-For``, ``X-Forwarded-Proto``,
         ``X-Forwarded-Host`` (only if the client sent ``Host``), ``Via`` and
-        ``X-Request-ID``.
+        ``X-Request-ID``; then, with ``edit``, its set lines not placed yet and
+        its added lines.
     """
     drop = _drop_set(headers, _REQUEST_DROP)
+    if edit is not None:
+        rules, sets, add = edit
+        # A line a Connection option names is gone before the rules see it: a
+        # set line of its name does not take its place.
+        if drop is _REQUEST_DROP:
+            drop, in_place = rules.pass_drop, rules.in_place
+        else:
+            drop, in_place = drop | rules.drop, rules.in_place - drop
+        placed: set[bytes] | None = None  # made when a set line takes a line's place
     out: Headers = [(b"host", upstream_host)]
     client_host: bytes | None = None
     forwarded_for: list[bytes] = []
@@ -258,6 +339,13 @@ def upstream_request_headers(
             if client_host is None:
                 client_host = field[1]
         elif name in drop:
+            if edit is not None and name in in_place:
+                if placed is None:
+                    placed = set()
+                elif name in placed:
+                    continue
+                placed.add(name)
+                out.append((name, sets[name]))
             continue
         elif name == b"x-forwarded-for":
             if field[1]:
@@ -282,11 +370,24 @@ def upstream_request_headers(
             out.append((b"x-forwarded-host", client_host))
     out.append((b"via", _extend_chain(via_chain, via)))
     out.append((b"x-request-id", request_id))
+    if edit is not None:
+        if placed is not None or rules.owned:
+            # The proxy's own fields, appended just above: Via and X-Request-ID, and
+            # X-Forwarded-For, -Proto (and -Host) unless they are off.
+            owned = 2 + ((3 if client_host is not None else 2) if x_forwarded else 0)
+            _finish_edit(out, len(out) - owned, edit, placed or set())
+        else:  # the usual case, without a call
+            out += sets.items()
+            out += add
     return out
 
 
 def client_response_headers(
-    headers: Headers, *, request_id: bytes, via: bytes = b"1.1 trioproxy"
+    headers: Headers,
+    *,
+    request_id: bytes,
+    via: bytes = b"1.1 trioproxy",
+    edit: FieldEdit | None = None,
 ) -> Headers:
     """Build the fields the proxy sends the client from the upstream's response fields.
 
@@ -294,17 +395,34 @@ def client_response_headers(
         headers: the upstream's response fields; not modified.
         request_id: the value for ``X-Request-ID``.
         via: this hop's ``Via`` element (RFC 9110 §7.6.3).
+        edit: the route's response header rules, applied in the same pass (see
+            the module docstring).
 
     Returns:
         A new list: the forwardable fields in order (``Set-Cookie`` lines kept
-        separate), then ``Via`` and ``X-Request-ID``.
+        separate), then ``Via`` and ``X-Request-ID``; then, with ``edit``, its
+        set lines not placed yet and its added lines.
     """
     drop = _drop_set(headers, HOP_BY_HOP)
+    if edit is not None:
+        rules, sets, add = edit
+        if drop is HOP_BY_HOP:
+            drop, in_place = rules.pass_drop, rules.in_place
+        else:
+            drop, in_place = drop | rules.drop, rules.in_place - drop
+        placed: set[bytes] | None = None  # made when a set line takes a line's place
     out: Headers = []
     via_chain: list[bytes] = []
     for field in headers:
         name = field[0]
         if name in drop or name == b"x-request-id":
+            if edit is not None and name in in_place:
+                if placed is None:
+                    placed = set()
+                elif name in placed:
+                    continue
+                placed.add(name)
+                out.append((name, sets[name]))
             continue
         if name == b"via":
             if field[1]:
@@ -313,7 +431,44 @@ def client_response_headers(
             out.append(field)
     out.append((b"via", _extend_chain(via_chain, via)))
     out.append((b"x-request-id", request_id))
+    if edit is not None:
+        if placed is not None or rules.owned:
+            _finish_edit(out, len(out) - 2, edit, placed or set())
+        else:  # the usual case, without a call
+            out += sets.items()
+            out += add
     return out
+
+
+def _finish_edit(out: Headers, owned_from: int, edit: FieldEdit, placed: set[bytes]) -> None:
+    """Apply ``edit`` to the proxy's own fields (``out[0]`` for a request's Host,
+    ``out[owned_from:]``), then append the set lines not placed yet and the added
+    lines."""
+    rules, sets, add = edit
+    if rules.owned:
+        if rules.request and b"host" in rules.owned:
+            # A request's Host is first (and its rules may only set it, RFC 9112 §3.2).
+            host = sets.get(b"host")
+            if host is not None:
+                out[0] = (b"host", host)
+                placed.add(b"host")
+            else:
+                del out[0]
+                owned_from -= 1
+        drop = rules.drop
+        tail = out[owned_from:]
+        del out[owned_from:]
+        for field in tail:
+            name = field[0]
+            if name not in drop:
+                out.append(field)
+            elif name in sets and name not in placed:
+                placed.add(name)
+                out.append((name, sets[name]))
+    for name, value in sets.items():
+        if name not in placed:
+            out.append((name, value))
+    out.extend(add)
 
 
 _PHRASES: Final = {status.value: status.phrase.encode() for status in HTTPStatus}

@@ -54,6 +54,13 @@ Header rules (``headers = {...}``, ``[server] headers``)
     cannot be edited; a request's one ``Host`` (RFC 9112 §3.2) may be set,
     not removed or added.
 
+    :meth:`HeaderTransform.apply` edits a list of fields. On the proxy path the
+    rules are applied instead by the pass that builds the fields it sends
+    (``trioproxy.http.headers``), from a :class:`FieldEditor` made once per
+    route and direction: the values that are the same on every exchange of the
+    route (``{route}``, ``{upstream}``) are written in then
+    (:meth:`HeaderTransform.bind`), so only the others are expanded per message.
+
 Body transform (``body_transform = "package.module:function"``)
     A function ``(body: bytes, content_type: str) -> bytes``, plain or async,
     imported when the config is loaded. The engine buffers the body and calls
@@ -73,7 +80,7 @@ import attrs
 from trioproxy.config.errors import ConfigError
 from trioproxy.config.model import HeaderPairs, HeaderRules, RewriteSpec
 from trioproxy.errors import ProxyError
-from trioproxy.http.headers import HOP_BY_HOP
+from trioproxy.http.headers import HOP_BY_HOP, FieldEdit, FieldRules
 from trioproxy.http.protocol import Headers
 from trioproxy.http.syntax import field_value_problem, is_token, key, path_problem, quoted
 
@@ -82,6 +89,7 @@ __all__ = [
     "RESPONSE_PLACEHOLDERS",
     "BodyTransform",
     "BodyTransformError",
+    "FieldEditor",
     "HeaderRuleSet",
     "HeaderTransform",
     "PathRewrite",
@@ -120,6 +128,24 @@ class PathRewrite:
             stripped prefix for ``X-Forwarded-Prefix``, or ``None`` when no
             prefix was stripped.
         """
+        if not self.paths and self.regex is None:
+            # The prefix rules alone (on every request of the route): a prefix
+            # starts with "/" and holds no "?", so it starts the target exactly
+            # when it starts the path, and the query needs no split first.
+            strip = self.strip_prefix
+            add = self.add_prefix
+            if strip and target.startswith(strip):
+                rest = target[len(strip) :]
+                if not rest:
+                    return add or b"/", strip
+                first = rest[0]
+                if first == 0x2F:  # "/"
+                    return add + rest, strip
+                if first == 0x3F:  # "?": the path was the prefix
+                    return (add or b"/") + rest, strip
+            if target[:1] != b"/":
+                return target, None  # not origin-form ("*")
+            return (add + target if add else target), None
         query = target.find(b"?")
         if query < 0:
             path, rest = target, b""
@@ -325,6 +351,27 @@ def _placeholders(values: list[_Value]) -> frozenset[str]:
     )
 
 
+def _bind(value: _Value, constants: Mapping[str, bytes]) -> _Value:
+    """``value`` with the placeholders of ``constants`` written in, as ``_expand``
+    would write them."""
+    if isinstance(value, bytes):
+        return value
+    parts: list[bytes | str] = []
+    for part in value:
+        if isinstance(part, str) and part in constants:
+            part = constants[part].translate(None, _UNSAFE)
+        if isinstance(part, bytes) and parts and isinstance(parts[-1], bytes):
+            parts[-1] += part
+        else:
+            parts.append(part)
+    parts = [part for part in parts if part != b""]
+    if not parts:
+        return b""
+    if len(parts) == 1 and isinstance(parts[0], bytes):
+        return parts[0]
+    return tuple(parts)
+
+
 @attrs.frozen(slots=True)
 class HeaderTransform:
     """One direction's compiled header rules.
@@ -373,6 +420,24 @@ class HeaderTransform:
             out.append((name, _expand(value, values)))
         return out
 
+    def bind(self, constants: Mapping[str, bytes]) -> HeaderTransform:
+        """The same transform with the placeholders named in ``constants`` written in.
+
+        For the values that are the same on every exchange of a route (its
+        ``{route}`` and ``{upstream}``): applied with values that hold the same
+        bytes, both transforms give the same fields.
+        """
+        if not self.placeholders & constants.keys():
+            return self
+        sets = {name: _bind(value, constants) for name, value in self.sets.items()}
+        adds = tuple((name, _bind(value, constants)) for name, value in self.add)
+        return HeaderTransform(
+            drop=self.drop,
+            sets=sets,
+            add=adds,
+            placeholders=_placeholders([*sets.values(), *(v for _, v in adds)]),
+        )
+
     def then(self, later: HeaderTransform) -> HeaderTransform:
         """The transform that applies ``self`` and then ``later``, in one pass."""
         sets = {name: v for name, v in self.sets.items() if name not in later.drop}
@@ -387,11 +452,103 @@ class HeaderTransform:
 
 
 @attrs.frozen(slots=True)
+class FieldEditor:
+    """One direction's header rules of one route, made into each message's
+    :class:`~trioproxy.http.headers.FieldEdit` for the pass that builds its fields.
+
+    ``trioproxy.http.headers`` applies an edit as :meth:`HeaderTransform.apply`
+    would on the fields built without it; this makes the edit, expanding only
+    the values that need the exchange's :class:`TemplateValues`.
+    """
+
+    rules: FieldRules
+    #: The set lines' values in order, the fixed ones written in (b"" where
+    #: ``later_sets`` fills in); empty when every value is in ``later_sets``.
+    sets: Mapping[bytes, bytes]
+    #: The set lines whose value is expanded per message; a lone placeholder
+    #: is its name (one attribute to read, no join).
+    later_sets: tuple[tuple[bytes, str | _Template], ...]
+    #: The added lines, when no value needs the exchange.
+    fixed_add: tuple[tuple[bytes, bytes], ...] | None
+    add: tuple[tuple[bytes, _Value], ...]
+    #: The edit of every message, when no value needs the exchange.
+    fixed: FieldEdit | None
+    placeholders: frozenset[str]
+
+    @classmethod
+    def of(cls, transform: HeaderTransform, *, request: bool) -> FieldEditor | None:
+        """The editor of ``transform`` (request rules, else response rules); None
+        if it changes nothing."""
+        if not transform:
+            return None
+        rules = FieldRules(
+            drop=transform.drop, set_names=frozenset(transform.sets), request=request
+        )
+        sets: dict[bytes, bytes] = {}
+        later: list[tuple[bytes, str | _Template]] = []
+        for name, value in transform.sets.items():
+            if isinstance(value, bytes):
+                sets[name] = value
+            else:
+                sets[name] = b""
+                only = value[0]
+                later.append((name, only if len(value) == 1 and isinstance(only, str) else value))
+        fixed_add = None
+        if all(isinstance(v, bytes) for _, v in transform.add):
+            fixed_add = tuple((n, _expand(v, None)) for n, v in transform.add)
+        fixed = None
+        if not later and fixed_add is not None:
+            fixed = (rules, sets, fixed_add)
+        return cls(
+            rules,
+            sets if len(later) < len(sets) else {},
+            tuple(later),
+            fixed_add,
+            transform.add,
+            fixed,
+            transform.placeholders,
+        )
+
+    def edit(self, values: TemplateValues | None) -> FieldEdit:
+        """This message's edit.
+
+        Args:
+            values: the exchange's template values; needed when
+                ``placeholders`` is not empty.
+        """
+        if self.fixed is not None:
+            return self.fixed
+        if values is None:
+            raise ValueError("these header rules use placeholders: pass TemplateValues")
+        # Filled in the rules' order: a copy of the fixed values keeps it, and
+        # when there are none the later ones come in that order.
+        sets = dict(self.sets) if self.sets else {}
+        for name, template in self.later_sets:
+            if template == "process_time":  # made here as b"%.3f": nothing to remove
+                sets[name] = values.process_time
+            elif isinstance(template, str):
+                value: bytes = getattr(values, template)
+                sets[name] = value.translate(None, _UNSAFE)
+            else:
+                sets[name] = _expand(template, values)
+        add = self.fixed_add
+        if add is None:
+            add = tuple((name, _expand(value, values)) for name, value in self.add)
+        return (self.rules, sets, add)
+
+
+@attrs.frozen(slots=True)
 class HeaderRuleSet:
     """A compiled ``headers`` table: the request and the response transforms."""
 
     request: HeaderTransform = HeaderTransform()
     response: HeaderTransform = HeaderTransform()
+
+    def bind(self, constants: Mapping[str, bytes]) -> HeaderRuleSet:
+        """Both directions bound (:meth:`HeaderTransform.bind`)."""
+        return HeaderRuleSet(
+            request=self.request.bind(constants), response=self.response.bind(constants)
+        )
 
     def then(self, later: HeaderRuleSet) -> HeaderRuleSet:
         """Server-wide rules ``.then(`` a route's ``)``: the route's apply last."""
