@@ -44,7 +44,10 @@ PROXY_STOP_TIMEOUT = 15.0
 
 # Only a whole line counts: a chunk may end in the middle of the port number. The
 # proxy's "listening on URL" line, or hypercorn's "Running on URL (CTRL + C to quit)".
-_LISTENING = re.compile(rb"(?:listening|Running) on (https?://([^\s:]+):(\d+))(?:\r?\n| \()")
+# An IPv6 host is bracketed (``http://[::1]:8080``); ``host`` keeps the brackets.
+_LISTENING = re.compile(
+    rb"(?:listening|Running) on (https?://(\[[^\]\s]+\]|[^\s:\[]+):(\d+))(?:\r?\n| \()"
+)
 
 StreamHandler = Callable[[trio.SocketStream], Awaitable[None]]
 
