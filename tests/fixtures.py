@@ -305,8 +305,8 @@ def cli_args_as_toml(args: Sequence[str]) -> str:
     """The configuration ``python -m trioproxy ARGS`` makes, as a TOML file says it
     (for a front end that reads a file: the ASGI app). Flags that set a key in every
     group set it in every group of ``--config FILE`` (whose keys the flags override,
-    as on the command line), else in the group ``default``, the only one
-    command-line flags make. A file's relative paths stay right only if the TOML is
+    as on the command line), or without a file in the group ``default``, the only
+    one command-line flags make. A file's relative paths stay right only if the TOML is
     written in the file's directory (:func:`run_asgi_proxy` does)."""
     from trioproxy.__main__ import build_parser, sources_from_args
 
@@ -319,11 +319,11 @@ def cli_args_as_toml(args: Sequence[str]) -> str:
             lines.append(f"{'.'.join(path)} = {_toml_value(value.raw)}")
         return "\n".join(lines) + "\n"
     document: dict[str, Any] = tomllib.loads(Path(sources.config_file).read_text())
-    groups = list(document.get("upstreams", {})) or ["default"]
-    for value in sources.cli:
+    # As the loader does: a flag for every group sets its key in the groups there are.
+    for value in sorted(sources.cli, key=lambda value: value.every_group):
         parsed = tomllib.loads(f"v = {_toml_value(value.raw)}")["v"]
         paths = (
-            [("upstreams", group, *value.path) for group in groups]
+            [("upstreams", group, *value.path) for group in document.get("upstreams", {})]
             if value.every_group
             else [value.path]
         )
@@ -332,9 +332,8 @@ def cli_args_as_toml(args: Sequence[str]) -> str:
             for key in path[:-1]:
                 table = table.setdefault(key, {})
             table[path[-1]] = parsed
-    return "".join(
-        f"{json.dumps(key)} = {_toml_inline(value)}\n" for key, value in document.items()
-    )
+    lines = [f"{json.dumps(key)} = {_toml_inline(value)}" for key, value in document.items()]
+    return "\n".join(lines) + "\n"
 
 
 def _toml_inline(value: Any) -> str:

@@ -200,6 +200,7 @@ class ProxyApp:
     async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
         head = request_head(scope)
         downstream = AsgiDownstream(scope, receive, send)
+        downstream.note_framing(head)
         exchange = FrontExchange(
             self.engine, head, peer=downstream.client_addr, scheme=downstream.scheme
         )

@@ -154,13 +154,22 @@ class AsgiDownstream:
         """
         if (too_large := declared_length_error(head, self.body_limit)) is not None:
             raise too_large
-        declared = declares_body(head)
+        declared = self.note_framing(head)
         if declared is None:
             message = self._peeked = await self._receive()
             declared = message["type"] != "http.request" or bool(
                 message.get("body") or message.get("more_body")
             )
         self._has_body = declared
+
+    def note_framing(self, head: RequestHead) -> bool | None:
+        """Take what the head says of a body, without reading (see
+        :func:`declares_body`), so that an answer made before the body is read
+        closes an HTTP/1.1 connection only when a body is really left unread."""
+        declared = declares_body(head)
+        if declared is not None:
+            self._has_body = declared
+        return declared
 
     # --- Downstream -------------------------------------------------------------------
 
