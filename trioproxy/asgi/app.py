@@ -143,13 +143,24 @@ class ProxyApp:
             why = f"access_log: cannot open {config.server.access_log!r}: {exc.strerror}"
             await send({"type": "lifespan.startup.failed", "message": why})
             return
+        failed = ""
         async with trio.open_nursery() as nursery:
-            await self.start(nursery, snapshot)
-            await send({"type": "lifespan.startup.complete"})
-            while (await receive())["type"] != "lifespan.shutdown":
-                pass
-            await self.drain(config.server.grace)
+            try:
+                await self.start(nursery, snapshot)
+            except OSError as exc:
+                # The admin listener's address is taken: fail the startup rather
+                # than let the server go on without the lifespan, where every
+                # request gets 503 (a second hypercorn worker on a fixed admin port).
+                failed = f"cannot start the admin listener: {exc}"
+            else:
+                await send({"type": "lifespan.startup.complete"})
+                while (await receive())["type"] != "lifespan.shutdown":
+                    pass
+                await self.drain(config.server.grace)
             nursery.cancel_scope.cancel()
+        if failed:
+            await send({"type": "lifespan.startup.failed", "message": failed})
+            return
         await send({"type": "lifespan.shutdown.complete"})
 
     async def start(self, nursery: trio.Nursery, snapshot: Snapshot) -> None:
