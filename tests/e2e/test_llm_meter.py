@@ -24,7 +24,7 @@ import openai
 import pytest
 import trio
 from e2e.conftest import FrontEnd
-from e2e.metrics_helpers import Scrape, scrape
+from e2e.metrics_helpers import Scrape, scrape_when
 from fixtures import read_head, reset, run_proxy, serve_tcp_handler
 
 pytestmark = pytest.mark.timeout(60)
@@ -243,7 +243,11 @@ async def test_openai_client_streams_through_the_meter(
         assert got.contents == [f"t{i} " for i in range(TOKENS)]
         assert got.usage is not None and got.usage.completion_tokens == TOKENS
         assert_each_event_within_10ms(stub.sent_at[0], got.received_at)
-        after = await scrape(http_client, metrics)
+        after = await scrape_when(
+            http_client,
+            metrics,
+            lambda s: llm(s, "trioproxy_llm_requests_total", "plain", "model-pass", stream="true"),
+        )
         ttft = llm(after, "trioproxy_llm_time_to_first_token_seconds_sum", "plain", "model-pass")
         assert (
             llm(after, "trioproxy_llm_time_to_first_token_seconds_count", "plain", "model-pass")
@@ -279,7 +283,13 @@ async def test_openai_client_streams_through_the_meter(
         assert got.chunks == TOKENS + 1  # the tokens and the finish chunk: no usage chunk
         assert got.contents == [f"t{i} " for i in range(TOKENS)]
         assert_each_event_within_10ms(stub.sent_at[1], got.received_at)
-        after = await scrape(http_client, metrics)
+        after = await scrape_when(
+            http_client,
+            metrics,
+            lambda s: llm(
+                s, "trioproxy_llm_requests_total", "inject", "model-inject", stream="true"
+            ),
+        )
         ttft = llm(after, "trioproxy_llm_time_to_first_token_seconds_sum", "inject", "model-inject")
         upstream_ttft = stub.sent_at[1][0] - stub.received_at[1]
         assert 0.30 <= ttft <= max(0.33, upstream_ttft + 0.03), (ttft, upstream_ttft)
@@ -340,7 +350,13 @@ async def test_a_cut_stream_counts_a_miss_and_the_tokens_that_passed(
             with pytest.raises((openai.APIError, httpx.HTTPError)):
                 with trio.fail_after(20):
                     await trio.to_thread.run_sync(stream_chat, base, "model-cut", None)
-            after = await scrape(http_client, f"{proxy.url}/metrics")
+            after = await scrape_when(
+                http_client,
+                f"{proxy.url}/metrics",
+                lambda s, route=route: s.get(
+                    "trioproxy_llm_usage_missing_total", route=route, upstream="llm"
+                ),
+            )
             assert after.get("trioproxy_llm_usage_missing_total", route=route, upstream="llm") == 1
             assert llm(after, "trioproxy_llm_tokens_total", route, "model-cut", type="output") == 20
             assert llm(after, "trioproxy_llm_tokens_total", route, "model-cut", type="input") == 0
@@ -365,7 +381,11 @@ async def test_a_plain_reply_is_metered_from_its_usage(
                     json={"model": "model-json", "messages": []},
                 )
                 assert response.status_code == 200
-        after = await scrape(http_client, f"{proxy.url}/metrics")
+        after = await scrape_when(
+            http_client,
+            f"{proxy.url}/metrics",
+            lambda s: sum(s.matching("request_duration_seconds_count").values()) == 6,
+        )
     assert llm(after, "trioproxy_llm_requests_total", "plain", "model-json", stream="false") == 1
     assert llm(after, "trioproxy_llm_tokens_total", "plain", "model-json", type="output") == 50
     assert llm(after, "trioproxy_llm_tokens_total", "plain", "model-json", type="input") == 7
@@ -399,7 +419,11 @@ async def test_a_stream_of_known_length_is_metered_on_the_exchanges_own_task(
                 stream_chat, f"{proxy.url}/inject/v1", "model-cl", None
             )
         assert hidden.usage is None and hidden.chunks == TOKENS + 1
-        after = await scrape(http_client, f"{proxy.url}/metrics")
+        after = await scrape_when(
+            http_client,
+            f"{proxy.url}/metrics",
+            lambda s: llm(s, "trioproxy_llm_requests_total", "inject", "model-cl", stream="true"),
+        )
         assert "relayed by the hub" not in await proxy.settled_stderr()
     for route in ("plain", "inject"):
         assert llm(after, "trioproxy_llm_tokens_total", route, "model-cl", type="output") == 50
