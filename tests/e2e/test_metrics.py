@@ -21,7 +21,7 @@ import trio
 import trio_websocket
 import upstream_app
 from e2e.conftest import FrontEnd
-from e2e.metrics_helpers import Scrape, parse, scrape
+from e2e.metrics_helpers import Scrape, parse, scrape, scrape_when
 from fixtures import ProxyProcess, run_proxy, serve_asgi
 
 pytestmark = pytest.mark.timeout(60)
@@ -269,7 +269,21 @@ async def test_counts_labels_and_live_gauges(
                         assert response.status_code == 404
 
                 clients.start_soon(burst)
-        after = await scrape(http_client, metrics)
+        # Counted at each exchange's end, a moment after the client has its answer.
+        after = await scrape_when(
+            http_client,
+            metrics,
+            lambda s: (
+                s.get(
+                    "trioproxy_requests_total",
+                    route="api",
+                    upstream="api",
+                    method="GET",
+                    code="404",
+                )
+                >= 1000
+            ),
+        )
         assert (
             after.value(
                 "trioproxy_requests_total", route="api", upstream="api", method="GET", code="404"
