@@ -45,7 +45,14 @@ from trioproxy.observe import access, log_output
 from trioproxy.observe.observer import Observer
 from trioproxy.snapshot import Snapshot, build_snapshot
 
-from .http import AsgiDownstream, answer_error, refuse_connect, relay, request_head
+from .http import (
+    AsgiDownstream,
+    ResponseAborted,
+    answer_error,
+    refuse_connect,
+    relay,
+    request_head,
+)
 from .types import Receive, Scope, Send
 from .websocket import INTERNAL_ERROR, AsgiWebSocket
 
@@ -244,6 +251,9 @@ class ProxyApp:
         except ProxyError as exc:
             await answer_error(downstream, exc, record)
             note = exc.detail
+        except ResponseAborted:
+            note = "aborted"  # as the standalone server logs a body cut short
+            raise
         finally:
             self._leave()
             exchange.release()
