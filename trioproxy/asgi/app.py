@@ -176,7 +176,11 @@ class ProxyApp:
 
         As ``python -m trioproxy`` does: the engine's observer (metrics and the LLM
         meter, unless ``[server] metrics = false``), the rate limits' Redis store
-        (``[server] redis``), ``[server] metrics_path`` and the admin listener."""
+        (``[server] redis``), ``[server] metrics_path`` and the admin listener.
+
+        Raises:
+            OSError: the admin listener cannot listen on its address.
+        """
         server = snapshot.config.server
         engine = self.engine
         if server.metrics and engine.observer is None:
