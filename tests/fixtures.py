@@ -13,6 +13,7 @@ pytest-trio ``nursery`` fixture, usually), so nothing outlives its test.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -21,6 +22,7 @@ import struct
 import subprocess
 import sys
 import tempfile
+import tomllib
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from functools import partial
@@ -44,8 +46,9 @@ PROXY_STOP_TIMEOUT = 15.0
 
 # Only a whole line counts: a chunk may end in the middle of the port number. The
 # proxy's "listening on URL" line, or hypercorn's "Running on URL (CTRL + C to quit)".
+# An IPv6 host is bracketed (``http://[::1]:8080``); ``host`` keeps the brackets.
 _LISTENING = re.compile(
-    rb"(?:listening|Running) on (https?://(\[[^\]\s]+\]|[^\s:]+):(\d+))(?:\r?\n| \()"
+    rb"(?:listening|Running) on (https?://(\[[^\]\s]+\]|[^\s:\[]+):(\d+))(?:\r?\n| \()"
 )
 
 StreamHandler = Callable[[trio.SocketStream], Awaitable[None]]
@@ -301,16 +304,52 @@ async def run_proxy(
 def cli_args_as_toml(args: Sequence[str]) -> str:
     """The configuration ``python -m trioproxy ARGS`` makes, as a TOML file says it
     (for a front end that reads a file: the ASGI app). Flags that set a key in every
-    group set it in the group ``default``, the only one command-line flags make."""
+    group set it in every group of ``--config FILE`` (whose keys the flags override,
+    as on the command line), or without a file in the group ``default``, the only
+    one command-line flags make. A file's relative paths stay right only if the TOML is
+    written in the file's directory (:func:`run_asgi_proxy` does)."""
     from trioproxy.__main__ import build_parser, sources_from_args
 
     parser = build_parser()
     sources = sources_from_args(parser, parser.parse_args(list(args)), {}, str(REPO_ROOT))
-    lines = []
-    for value in sources.cli:
-        path = ("upstreams", "default", *value.path) if value.every_group else value.path
-        lines.append(f"{'.'.join(path)} = {_toml_value(value.raw)}")
+    if sources.config_file is None:
+        lines = []
+        for value in sources.cli:
+            path = ("upstreams", "default", *value.path) if value.every_group else value.path
+            lines.append(f"{'.'.join(path)} = {_toml_value(value.raw)}")
+        return "\n".join(lines) + "\n"
+    document: dict[str, Any] = tomllib.loads(Path(sources.config_file).read_text())
+    # As the loader does: a flag for every group sets its key in the groups there are.
+    for value in sorted(sources.cli, key=lambda value: value.every_group):
+        parsed = tomllib.loads(f"v = {_toml_value(value.raw)}")["v"]
+        paths = (
+            [("upstreams", group, *value.path) for group in document.get("upstreams", {})]
+            if value.every_group
+            else [value.path]
+        )
+        for path in paths:
+            table = document
+            for key in path[:-1]:
+                table = table.setdefault(key, {})
+            table[path[-1]] = parsed
+    lines = [f"{json.dumps(key)} = {_toml_inline(value)}" for key, value in document.items()]
     return "\n".join(lines) + "\n"
+
+
+def _toml_inline(value: Any) -> str:
+    """``value`` (from ``tomllib``) as a TOML inline value: tables inline, strings as
+    basic strings (JSON's escapes are TOML's)."""
+    if isinstance(value, dict):
+        items = ", ".join(f"{json.dumps(k)} = {_toml_inline(v)}" for k, v in value.items())
+        return "{ " + items + " }"
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_inline(item) for item in value) + "]"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    assert isinstance(value, str), value
+    return json.dumps(value, ensure_ascii=False)
 
 
 def _toml_value(raw: Any) -> str:
@@ -346,6 +385,10 @@ async def run_asgi_proxy(
         args = (*args, "--no-health-check")
     with tempfile.TemporaryDirectory(prefix="trioproxy-asgi-") as tmp:
         config = Path(tmp) / "trioproxy.toml"
+        if "--config" in args:
+            # Next to the file: its relative paths (keys.txt, certificates) hold.
+            given = Path(args[args.index("--config") + 1])
+            config = given.with_name(f".asgi-{given.name}")
         config.write_text(cli_args_as_toml(args))
         command = [
             sys.executable,

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import attrs
@@ -55,6 +55,22 @@ async def scrape(client: httpx.AsyncClient, url: str) -> Scrape:
     assert response.status_code == 200, response.text
     assert response.headers["content-type"].startswith("text/plain; version=")
     return parse(response.text)
+
+
+async def scrape_when(
+    client: httpx.AsyncClient, url: str, counted: Callable[[Scrape], bool], within: float = 5
+) -> Scrape:
+    """The first scrape for which ``counted(scrape)`` holds. An exchange is counted at
+    its end, just after its last bytes went to the client: a scrape sent as soon as
+    the client has them may be answered first (more so under ASGI, where the count
+    follows the server's ``send``). The failure shows the last scrape."""
+    last: Scrape | None = None
+    with trio.move_on_after(within):
+        # Polling another process: no trio.Event to wait on.
+        while not counted(last := await scrape(client, url)):  # noqa: ASYNC110
+            await trio.sleep(0.02)
+        return last
+    raise AssertionError(f"not counted within {within} s; last scrape: {last}")
 
 
 async def _admin_get(proxy: ProxyProcess, path: str) -> bytes:

@@ -1,4 +1,5 @@
-"""The access log's JSON lines and ``--access-log PATH``, through the real CLI.
+"""The access log's JSON lines and ``--access-log PATH``, through the real CLI (and
+the ASGI app under hypercorn, for the cases that take ``front_end``).
 
 ``log_format = "json"`` writes one object per line with the fields of issue 14;
 ``--access-log`` sends those lines to a file, and a file that takes no bytes (a
@@ -16,6 +17,7 @@ import httpx
 import pytest
 import trio
 import upstream_app
+from e2e.conftest import FrontEnd
 from fixtures import run_proxy, serve_asgi
 
 pytestmark = pytest.mark.timeout(60)
@@ -42,7 +44,7 @@ def json_lines(text: str) -> list[dict[str, object]]:
 
 
 async def test_json_lines_on_stderr_carry_the_fields(
-    tmp_path: Path, nursery: trio.Nursery, http_client: httpx.AsyncClient
+    tmp_path: Path, front_end: FrontEnd, nursery: trio.Nursery, http_client: httpx.AsyncClient
 ) -> None:
     upstream = await serve_asgi(upstream_app.app, nursery)
     config = tmp_path / "trioproxy.toml"
@@ -60,7 +62,7 @@ async def test_json_lines_on_stderr_carry_the_fields(
             """
         )
     )
-    async with run_proxy("--config", str(config)) as proxy:
+    async with front_end("--config", str(config)) as proxy:
         response = await http_client.get(
             f"{proxy.url}/bytes/1000?x=1", headers={"x-request-id": "req-42"}
         )
@@ -112,12 +114,12 @@ async def test_access_log_file_that_takes_no_bytes_never_blocks(
 
 
 async def test_access_log_file_gets_the_lines(
-    tmp_path: Path, nursery: trio.Nursery, http_client: httpx.AsyncClient
+    tmp_path: Path, front_end: FrontEnd, nursery: trio.Nursery, http_client: httpx.AsyncClient
 ) -> None:
     upstream = await serve_asgi(upstream_app.app, nursery)
     path = tmp_path / "logs" / "access.log"
     path.parent.mkdir()
-    async with run_proxy("--upstream", upstream, "--access-log", str(path)) as proxy:
+    async with front_end("--upstream", upstream, "--access-log", str(path)) as proxy:
         for _ in range(3):
             assert (await http_client.get(f"{proxy.url}/echo")).status_code == 200
         stderr = await proxy.settled_stderr()

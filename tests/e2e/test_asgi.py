@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 import signal
+import socket
 import ssl
 import sys
 from pathlib import Path
@@ -109,6 +110,32 @@ async def test_a_bad_config_fails_the_lifespan_and_hypercorn_exits(tmp_path: Pat
     output = (process.stdout + process.stderr).decode()
     assert process.returncode != 0
     assert "upstreams.default.strategy" in output, output
+
+
+async def test_a_taken_admin_port_fails_the_lifespan_and_hypercorn_exits(tmp_path: Path) -> None:
+    """The admin listener cannot bind (a second worker on a fixed port, say): the
+    startup fails and the server exits, instead of serving 503 without a lifespan."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        config = tmp_path / "admin.toml"
+        config.write_text(
+            f'[server]\nadmin = {{ host = "127.0.0.1", port = {port} }}\n'
+            '[routes.pong]\nrespond = { status = 200, body = "pong" }\n'
+        )
+        command = [
+            sys.executable, "-m", "hypercorn", "--worker-class", "trio", "--workers", "0",
+            "--bind", "127.0.0.1:0", "trioproxy.asgi:app",
+        ]  # fmt: skip
+        with trio.fail_after(20):
+            process = await trio.run_process(
+                command, env={**os.environ, "TRIOPROXY_CONFIG": str(config)}, cwd=tmp_path,
+                capture_stdout=True, capture_stderr=True, check=False,
+            )  # fmt: skip
+    output = (process.stdout + process.stderr).decode()
+    assert process.returncode != 0
+    assert "cannot start the admin listener" in output, output
 
 
 # --- FastAPI with proxy_pass and LoadBalancer(HealthChecker([...])) --------------------

@@ -1,4 +1,5 @@
-"""Real client identity and access rules through the real CLI (``--config FILE``).
+"""Real client identity and access rules through the real CLI (``--config FILE``), and
+the cases that take ``front_end`` through the ASGI app under hypercorn as well.
 
 The peer of the proxy is always 127.0.0.1 here; ``trusted_proxies`` includes it or
 not to show both sides. The upstream is ``upstream_app`` (``/echo`` returns what it
@@ -18,7 +19,7 @@ import httpx
 import pytest
 import trio
 import trio_websocket
-from e2e.conftest import CannedUpstream
+from e2e.conftest import CannedUpstream, FrontEnd
 from fixtures import run_proxy
 
 pytestmark = pytest.mark.timeout(30)
@@ -47,11 +48,11 @@ servers = ["{upstream}"]
 
 
 async def test_spoofed_forwarded_for_from_an_untrusted_peer_changes_nothing(
-    tmp_path: Path, upstream: str, http_client: httpx.AsyncClient
+    tmp_path: Path, front_end: FrontEnd, upstream: str, http_client: httpx.AsyncClient
 ) -> None:
     config = write_config(tmp_path, IDENTITY.format(trusted='["10.0.0.0/8"]', upstream=upstream))
     spoof = {"x-forwarded-for": "6.6.6.6", "forwarded": "for=6.6.6.6"}
-    async with run_proxy("--config", config) as proxy:
+    async with front_end("--config", config) as proxy:
         response = await http_client.get(proxy.url + "/echo", headers=spoof)
         log = await proxy.settled_stderr()
     assert echo_headers(response, "x-client") == ["127.0.0.1"]
@@ -64,13 +65,13 @@ async def test_spoofed_forwarded_for_from_an_untrusted_peer_changes_nothing(
 
 
 async def test_forwarded_for_from_a_trusted_peer_is_honoured(
-    tmp_path: Path, upstream: str, http_client: httpx.AsyncClient
+    tmp_path: Path, front_end: FrontEnd, upstream: str, http_client: httpx.AsyncClient
 ) -> None:
     config = write_config(
         tmp_path, IDENTITY.format(trusted='["127.0.0.1/32", "10.0.0.0/8"]', upstream=upstream)
     )
     chain = {"x-forwarded-for": "6.6.6.6, 2001:db8::7, 10.1.1.1"}
-    async with run_proxy("--config", config) as proxy:
+    async with front_end("--config", config) as proxy:
         response = await http_client.get(proxy.url + "/echo", headers=chain)
         log = await proxy.settled_stderr()
     assert echo_headers(response, "x-client") == ["2001:db8::7"]
@@ -146,6 +147,7 @@ CANNED = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close\r\n\r\nok"
 
 async def test_allow_deny_and_api_keys(
     tmp_path: Path,
+    front_end: FrontEnd,
     upstream: str,
     canned_upstream: Callable[[bytes], Awaitable[CannedUpstream]],
     http_client: httpx.AsyncClient,
@@ -154,7 +156,7 @@ async def test_allow_deny_and_api_keys(
     (tmp_path / "keys.txt").write_text("sk-live-0123456789\nsk-live-second\n")
     config = write_config(tmp_path, ACCESS.format(upstream=upstream, canned=canned.url))
     env = {"EDGE_TEST_KEYS": "hk-abcdef-42"}
-    async with run_proxy("--config", config, env=env) as proxy:
+    async with front_end("--config", config, env=env) as proxy:
         url = proxy.url
         open_ = await http_client.get(url + "/echo")
         lan = await http_client.get(url + "/lan")
@@ -221,7 +223,9 @@ async def test_keys_reload_on_sighup(
         assert (await passes("old-key-1"), await passes("new-key-2")) == (False, True)
 
 
-async def test_websocket_upgrades_pass_the_same_gate(tmp_path: Path, upstream: str) -> None:
+async def test_websocket_upgrades_pass_the_same_gate(
+    tmp_path: Path, front_end: FrontEnd, upstream: str
+) -> None:
     (tmp_path / "keys.txt").write_text("ws-key-123\n")
     config = write_config(
         tmp_path,
@@ -233,7 +237,7 @@ async def test_websocket_upgrades_pass_the_same_gate(tmp_path: Path, upstream: s
         auth = {{ api_keys_file = "keys.txt", header = "x-api-key" }}
         """,
     )
-    async with run_proxy("--config", config) as proxy:
+    async with front_end("--config", config) as proxy:
         url = f"ws://127.0.0.1:{proxy.port}/ws"
         with pytest.raises(trio_websocket.HandshakeError) as refused:
             async with trio_websocket.open_websocket_url(url):

@@ -1,5 +1,6 @@
 """``handler = "health"`` and ``"ping"`` routes, and the AI-service proxy's headers,
-through the real CLI with ``examples/ai-service.toml``."""
+through the real CLI with ``examples/ai-service.toml`` (and the ASGI app under
+hypercorn, for the cases that take ``front_end``)."""
 
 from __future__ import annotations
 
@@ -13,8 +14,9 @@ import httpx
 import pytest
 import trio
 import upstream_app
+from e2e.conftest import FrontEnd
 from e2e.metrics_helpers import scrape
-from fixtures import REPO_ROOT, run_proxy, serve_asgi
+from fixtures import REPO_ROOT, serve_asgi
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -45,11 +47,11 @@ def test_the_example_passes_check_config() -> None:
 
 
 async def test_health_ping_and_the_headers_on_every_response(
-    tmp_path: Path, nursery: trio.Nursery, http_client: httpx.AsyncClient
+    tmp_path: Path, front_end: FrontEnd, nursery: trio.Nursery, http_client: httpx.AsyncClient
 ) -> None:
     upstream = await serve_asgi(upstream_app.app, nursery)
     config = example_config(tmp_path, upstream, health="false")
-    async with run_proxy("--config", config) as proxy:
+    async with front_end("--config", config) as proxy:
         health = await http_client.get(f"{proxy.url}/api/health")
         ping = await http_client.get(f"{proxy.url}/api/ping")
         proxied = await http_client.get(f"{proxy.url}/echo", headers={"x-request-id": "abc-1"})
@@ -81,14 +83,14 @@ async def test_health_ping_and_the_headers_on_every_response(
 
 
 async def test_health_is_503_when_no_server_can_take_requests(
-    tmp_path: Path, http_client: httpx.AsyncClient
+    tmp_path: Path, front_end: FrontEnd, http_client: httpx.AsyncClient
 ) -> None:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     health = '{ path = "/health", interval = "100ms", timeout = "500ms", rise = 1, fall = 1 }'
     config = example_config(tmp_path, f"http://127.0.0.1:{port}", health=health)
-    async with run_proxy("--config", config, health_check=True) as proxy:
+    async with front_end("--config", config, health_check=True) as proxy:
         with trio.fail_after(10):
             url = f"{proxy.url}/api/health"
             # Polling another process: no trio.Event to wait on.

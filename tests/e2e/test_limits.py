@@ -21,7 +21,7 @@ import pytest
 import trio
 import trio_websocket
 import upstream_app
-from e2e.conftest import RawConnection, RawResponse
+from e2e.conftest import FrontEnd, RawConnection, RawResponse
 from e2e.metrics_helpers import admin_scrape, admin_status
 from fixtures import REPO_ROOT, ProxyProcess, raw_request, run_proxy, serve_asgi
 
@@ -88,7 +88,7 @@ async def burst(proxy: ProxyProcess, path: str, n: int) -> tuple[list[RawRespons
 
 
 async def test_local_rate_limit_burst_wait_and_other_keys(
-    tmp_path: Path, nursery: trio.Nursery
+    tmp_path: Path, front_end: FrontEnd, nursery: trio.Nursery
 ) -> None:
     app = CountingApp()
     upstream = await serve_asgi(app, nursery)
@@ -104,7 +104,7 @@ async def test_local_rate_limit_burst_wait_and_other_keys(
         rate_limit = [{{ average = 10, period = "1s", burst = 5, key = "ip" }}]
         """,
     )
-    async with run_proxy("--config", config) as proxy:
+    async with front_end("--config", config) as proxy:
         responses, spread = await burst(proxy, "/echo", 40)
         assert spread < 0.1, f"the client took {spread:.3f} s to send the burst"
         assert len(responses) == 40
@@ -136,7 +136,7 @@ async def test_local_rate_limit_burst_wait_and_other_keys(
 
 
 async def test_a_refused_request_keeps_its_connection(
-    tmp_path: Path, nursery: trio.Nursery
+    tmp_path: Path, front_end: FrontEnd, nursery: trio.Nursery
 ) -> None:
     config = write_config(
         tmp_path,
@@ -146,7 +146,7 @@ async def test_a_refused_request_keeps_its_connection(
         rate_limit = [{ average = 1, period = "1m", burst = 1, key = "route" }]
         """,
     )
-    async with run_proxy("--config", config, "--log-level", "warning") as proxy:
+    async with front_end("--config", config, "--log-level", "warning") as proxy:
         connection = await connect(proxy)
         try:
             request = b"GET / HTTP/1.1\r\nHost: t\r\n\r\n"
@@ -164,7 +164,9 @@ async def test_a_refused_request_keeps_its_connection(
             await connection.aclose()
 
 
-async def test_rate_limit_by_header_and_api_key(tmp_path: Path, nursery: trio.Nursery) -> None:
+async def test_rate_limit_by_header_and_api_key(
+    tmp_path: Path, front_end: FrontEnd, nursery: trio.Nursery
+) -> None:
     upstream = await serve_asgi(upstream_app.app, nursery)
     config = write_config(
         tmp_path,
@@ -190,7 +192,7 @@ async def test_rate_limit_by_header_and_api_key(tmp_path: Path, nursery: trio.Nu
         )
         return int(raw.split(b" ", 2)[1])
 
-    async with run_proxy("--config", config, "--log-level", "warning") as proxy:
+    async with front_end("--config", config, "--log-level", "warning") as proxy:
         blue, red = "X-Tenant: blue\r\n", "X-Tenant: red\r\n"
         assert [await status("/echo/h", blue) for _ in range(3)] == [200, 200, 429]
         assert await status("/echo/h", red) == 200
@@ -202,7 +204,7 @@ async def test_rate_limit_by_header_and_api_key(tmp_path: Path, nursery: trio.Nu
 
 
 async def test_max_inflight_counts_requests_and_tunnels(
-    tmp_path: Path, nursery: trio.Nursery
+    tmp_path: Path, front_end: FrontEnd, nursery: trio.Nursery
 ) -> None:
     app = CountingApp()
     upstream = await serve_asgi(app, nursery)
@@ -216,7 +218,7 @@ async def test_max_inflight_counts_requests_and_tunnels(
         max_inflight = 2
         """,
     )
-    async with run_proxy("--config", config, "--log-level", "warning") as proxy:
+    async with front_end("--config", config, "--log-level", "warning") as proxy:
         slow: list[RawResponse] = []
 
         async def slow_request() -> None:

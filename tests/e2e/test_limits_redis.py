@@ -1,6 +1,7 @@
 """The Redis store of rate limits through the real CLI: two proxy processes on one
-real redis-server enforce one limit; with Redis stopped, ``on_store_error = "allow"``
-passes traffic and counts the errors, ``"deny"`` answers 503."""
+real redis-server enforce one limit (two ASGI apps under hypercorn too); with Redis
+stopped, ``on_store_error = "allow"`` passes traffic and counts the errors,
+``"deny"`` answers 503."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from pathlib import Path
 import pytest
 import trio
 import upstream_app
+from e2e.conftest import FrontEnd
 from e2e.metrics_helpers import admin_scrape, admin_status
 from fixtures import ProxyProcess, raw_request, run_proxy, serve_asgi
 from redis_server import run_redis
@@ -46,11 +48,13 @@ def config_text(upstream: str, redis_url: str, on_store_error: str = "allow") ->
         """
 
 
-async def test_two_proxies_share_one_limit(tmp_path: Path, nursery: trio.Nursery) -> None:
+async def test_two_proxies_share_one_limit(
+    tmp_path: Path, front_end: FrontEnd, nursery: trio.Nursery
+) -> None:
     upstream = await serve_asgi(upstream_app.app, nursery)
     async with run_redis() as redis:
         config = write_config(tmp_path, "t.toml", config_text(upstream, redis.url))
-        async with run_proxy("--config", config) as one, run_proxy("--config", config) as two:
+        async with front_end("--config", config) as one, front_end("--config", config) as two:
             # 12 requests, alternating: each proxy alone would pass 6.
             statuses = [await status_of(proxy) for _ in range(6) for proxy in (one, two)]
             assert Counter(statuses) == {200: 6, 429: 6}, statuses

@@ -1,12 +1,17 @@
 """The proxy as an ASGI app: ``hypercorn --worker-class trio trioproxy.asgi:app``.
 
-The same engine, routes, transforms, balancing, retries, breakers, admin
-endpoints and access log as ``python -m trioproxy``, with hypercorn as the
-front end (and so HTTP/2 and TLS to clients from hypercorn's own stack)::
+The same engine, routes, transforms, balancing, retries, breakers, edge rules
+(client identity, access rules, API keys, rate limits, in-flight caps),
+metrics, LLM meter, admin endpoints and access log as ``python -m trioproxy``,
+with hypercorn as the front end (and so HTTP/2 and TLS to clients from
+hypercorn's own stack). The steps around the engine are the standalone
+server's, in ``trioproxy.front``; this module only writes their answers as
+ASGI messages::
 
-    ASGI server ─► ProxyApp ─► Snapshot.route_for ─► Engine.handle(head, route, AsgiDownstream)
-                    │                                 Engine.handle_websocket(..., AsgiWebSocket)
-                    └─ lifespan: Engine.run in a nursery, activate(snapshot); shutdown drains
+    ASGI server ─► ProxyApp ─► FrontExchange ─► Engine.handle(head, route, AsgiDownstream)
+                    │          (trioproxy.front) Engine.handle_websocket(..., AsgiWebSocket)
+                    └─ lifespan: Engine.run and the Redis store (EdgeService) in a
+                       nursery, the Observer, activate(snapshot); shutdown drains
 
 ``app`` reads its configuration as the CLI does, at lifespan startup:
 ``TRIOPROXY_CONFIG`` (the TOML file), the ``TRIOPROXY_*`` variables and
@@ -22,7 +27,6 @@ from __future__ import annotations
 
 import logging
 import os
-import time
 from pathlib import Path
 
 import attrs
@@ -31,25 +35,22 @@ import trio
 from trioproxy.admin import AdminApp, serve_admin
 from trioproxy.config.errors import ConfigError
 from trioproxy.config.load import ConfigSources, load_config
-from trioproxy.config.model import Config
-from trioproxy.engine import Engine, ExchangeLog
-from trioproxy.errors import (
-    ClientDisconnected,
-    NoRoute,
-    ProxyError,
-    UpstreamBrokenMidBody,
-)
-from trioproxy.http.answers import error_answer, local_answer
-from trioproxy.http.headers import new_request_id, request_id_from
-from trioproxy.observe import log_output
+from trioproxy.config.model import Config, ServerSettings
+from trioproxy.edge.limits import EdgeService
+from trioproxy.engine import Engine
+from trioproxy.errors import ClientDisconnected, ProxyError, UpstreamBrokenMidBody
+from trioproxy.front import FrontExchange
+from trioproxy.http.answers import error_answer
+from trioproxy.observe import access, log_output
+from trioproxy.observe.observer import Observer
 from trioproxy.snapshot import Snapshot, build_snapshot
 
 from .http import (
     AsgiDownstream,
-    access,
+    ResponseAborted,
     answer_error,
     refuse_connect,
-    relay_exchange,
+    relay,
     request_head,
 )
 from .types import Receive, Scope, Send
@@ -92,10 +93,14 @@ class ProxyApp:
 
     config: Config | str | os.PathLike[str] | None = None
     engine: Engine = attrs.Factory(lambda: Engine(use_hub=False))
+    #: Runs the Redis store of rate limits, if the config has one.
+    edge: EdgeService = attrs.Factory(EdgeService)
     #: Exchanges and tunnels under way (for the drain at shutdown).
     inflight: int = 0
     _idle: trio.Event | None = None
     _loaded: Config | None = None
+    #: ``[server] metrics_path``, taken at start (None: not served).
+    _metrics_path: bytes | None = None
 
     # --- ASGI ----------------------------------------------------------------------
 
@@ -139,30 +144,63 @@ class ProxyApp:
         except ConfigError as exc:
             await send({"type": "lifespan.startup.failed", "message": str(exc)})
             return
-        if not logging.getLogger().handlers:
-            log_output.install(
-                config.server.log_level, "%(asctime)s %(levelname)s %(name)s: %(message)s"
-            )
+        try:
+            install_logging(config.server)
+        except OSError as exc:
+            why = f"access_log: cannot open {config.server.access_log!r}: {exc.strerror}"
+            await send({"type": "lifespan.startup.failed", "message": why})
+            return
+        failed = ""
         async with trio.open_nursery() as nursery:
-            await self.start(nursery, snapshot)
-            await send({"type": "lifespan.startup.complete"})
-            while (await receive())["type"] != "lifespan.shutdown":
-                pass
-            await self.drain(config.server.grace)
+            try:
+                await self.start(nursery, snapshot)
+            except OSError as exc:
+                # The admin listener's address is taken: fail the startup rather
+                # than let the server go on without the lifespan, where every
+                # request gets 503 (a second hypercorn worker on a fixed admin port).
+                failed = f"cannot start the admin listener: {exc}"
+            else:
+                await send({"type": "lifespan.startup.complete"})
+                while (await receive())["type"] != "lifespan.shutdown":
+                    pass
+                await self.drain(config.server.grace)
             nursery.cancel_scope.cancel()
+        if failed:
+            await send({"type": "lifespan.startup.failed", "message": failed})
+            return
         await send({"type": "lifespan.shutdown.complete"})
 
     async def start(self, nursery: trio.Nursery, snapshot: Snapshot) -> None:
         """Start the engine service in ``nursery`` and serve ``snapshot`` (the
-        lifespan does this; code that runs its own nursery may call it)."""
-        await nursery.start(self.engine.run)
-        await self.engine.activate(snapshot)
-        admin = snapshot.config.server.admin
+        lifespan does this; code that runs its own nursery may call it).
+
+        As ``python -m trioproxy`` does: the engine's observer (metrics and the LLM
+        meter, unless ``[server] metrics = false``), the rate limits' Redis store
+        (``[server] redis``), ``[server] metrics_path`` and the admin listener.
+
+        Raises:
+            OSError: the admin listener cannot listen on its address.
+        """
+        server = snapshot.config.server
+        engine = self.engine
+        if server.metrics and engine.observer is None:
+            observer = engine.observer = Observer(server)
+            # No trioproxy_open_connections{listener} sample: the ASGI server owns
+            # the connections and does not tell the app about them (a scope is a
+            # request, an HTTP/2 connection carries many), so any count made here
+            # would be of something else.
+            observer.bind(lambda: engine.snapshot, lambda: engine.current_time(), dict)
+        path = server.metrics_path
+        self._metrics_path = path.encode() if path is not None else None
+        await nursery.start(engine.run)
+        await nursery.start(self.edge.run)
+        await self.edge.activate(snapshot.edge)
+        await engine.activate(snapshot)
+        admin = server.admin
         if admin is not None:
-            addresses = await nursery.start(
-                serve_admin, AdminApp(self.engine), admin.host, admin.port
-            )
-            log.info("admin listening on %s:%d", *addresses[0])
+            addresses = await nursery.start(serve_admin, AdminApp(engine), admin.host, admin.port)
+            host, port = addresses[0]
+            log.info("admin listening on http://%s:%d", f"[{host}]" if ":" in host else host, port)
 
     async def drain(self, grace: float) -> None:
         """Wait up to ``grace`` seconds for the exchanges and tunnels under way."""
@@ -182,50 +220,53 @@ class ProxyApp:
     # --- HTTP ----------------------------------------------------------------------
 
     async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
-        started = time.perf_counter()
         head = request_head(scope)
-        record = ExchangeLog()
-        snapshot = self.engine.snapshot
         downstream = AsgiDownstream(scope, receive, send)
+        downstream.note_framing(head)
+        exchange = FrontExchange(
+            self.engine, head, peer=downstream.client_addr, scheme=downstream.scheme
+        )
+        record = exchange.record
         note = ""
         self._enter()
         try:
-            if snapshot is None:
+            if self.engine.snapshot is None:
                 raise NotStarted()
             if (refused := refuse_connect(head)) is not None:
                 raise refused
-            route = snapshot.route_for(head.method, head.target, head.headers)
-            if route is None:
-                raise NoRoute(head.target.split(b"?", 1)[0].decode("latin-1"))
-            record.route = route.name
-            if route.group is None or route.cors is not None:
-                record.request_id = request_id_from(head.headers) or new_request_id()
-                answer = local_answer(
-                    head, route, client_addr=downstream.client_addr, request_id=record.request_id
-                )
-                if answer is not None:
-                    record.status = answer.status
-                    record.bytes_out = len(answer.body)
-                    await downstream.answer(answer)
-                    return
-            downstream = AsgiDownstream(scope, receive, send, body_limit=route.max_body_size)
-            note = await relay_exchange(self.engine, head, route, downstream, record)
+            answer = exchange.admit(self._metrics_path)
+            downstream.body_limit = exchange.body_limit
+            if answer is None:
+                # Before any upstream is picked: a refused request reaches none.
+                await exchange.admit_limits(trio.current_time())
+                answer = exchange.own_answer(trio.current_time())
+            if answer is not None:
+                while await downstream.receive_body():
+                    pass  # the request's body is read and dropped: it goes nowhere
+                record.status = answer.status
+                await downstream.answer(answer)
+                record.bytes_out = len(answer.body)
+            else:
+                with exchange.upstream() as route:
+                    note = await relay(self.engine, exchange.request, route, downstream, record)
         except ClientDisconnected:
             record.status = record.status or 499
             note = "client gone"
         except ProxyError as exc:
             await answer_error(downstream, exc, record)
             note = exc.detail
+        except ResponseAborted:
+            note = "aborted"  # as the standalone server logs a body cut short
+            raise
         finally:
             self._leave()
-            access(downstream.client_addr, head, record, started, note)
+            exchange.release()
+            exchange.end(note, bytes_in=downstream.received)
 
     # --- WebSocket -----------------------------------------------------------------
 
     async def _websocket(self, scope: Scope, receive: Receive, send: Send) -> None:
-        started = time.perf_counter()
         head = request_head(scope)
-        record = ExchangeLog()
         snapshot = self.engine.snapshot
         server = snapshot.config.server if snapshot is not None else None
         client = AsgiWebSocket(
@@ -235,36 +276,31 @@ class ProxyApp:
             max_message_size=server.ws_max_message_size if server is not None else 1 << 24,
             idle_timeout=(server.ws_idle_timeout or None) if server is not None else None,
         )
+        exchange = FrontExchange(self.engine, head, peer=client.client_addr, scheme=client.scheme)
+        record = exchange.record
         note = ""
         self._enter()
         try:
             await client.connect()
             if snapshot is None:
                 raise NotStarted()
-            route = snapshot.route_for(head.method, head.target, head.headers)
-            if route is None:
-                raise NoRoute(head.target.split(b"?", 1)[0].decode("latin-1"))
-            record.route = route.name
-            group = route.group
-            if group is None:
-                record.request_id = request_id_from(head.headers) or new_request_id()
-                answer = local_answer(
-                    head, route, client_addr=client.client_addr, request_id=record.request_id
-                )
-                assert answer is not None
+            answer = exchange.admit(self._metrics_path)
+            if answer is None:
+                await exchange.admit_limits(trio.current_time())
+                answer = exchange.own_answer(trio.current_time())
+            if answer is not None:
                 record.status = answer.status
                 await client.refuse(answer, 1008)
                 return
-            group.enter()
-            try:
+            with exchange.upstream(tunnel=True) as route:
                 subprotocols = [str(p) for p in scope.get("subprotocols") or ()]
                 note = (
-                    await self.engine.handle_websocket(head, route, client, record, subprotocols)
+                    await self.engine.handle_websocket(
+                        exchange.request, route, client, record, subprotocols
+                    )
                     or ""
                 )
                 record.bytes_out = client.bytes_out
-            finally:
-                group.leave()
         except ClientDisconnected:
             record.status = record.status or 499
             note = "client gone"
@@ -280,7 +316,27 @@ class ProxyApp:
                 await client.close(INTERNAL_ERROR, exc.reason)
         finally:
             self._leave()
-            access(client.client_addr, head, record, started, note)
+            exchange.release()
+            exchange.end(note)
+
+
+def install_logging(server: ServerSettings) -> None:
+    """The log as ``python -m trioproxy`` writes it: to stderr without blocking,
+    unless the embedding process set up logging already; the access log in
+    ``log_format`` (text or JSON), to ``access_log`` if set.
+
+    Raises:
+        OSError: the access log file cannot be opened for appending.
+    """
+    fmt = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+    ours = not logging.getLogger().handlers
+    if ours:
+        log_output.install(server.log_level, fmt)
+    access.set_format(server.log_format)
+    if (ours or server.access_log is not None) and not logging.getLogger(
+        "trioproxy.access"
+    ).handlers:
+        log_output.install_access(server.access_log, server.log_format, fmt)
 
 
 def create_app(config: Config | str | os.PathLike[str] | None = None) -> ProxyApp:

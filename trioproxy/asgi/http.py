@@ -38,6 +38,7 @@ from trioproxy.errors import (
     ProxyError,
     UpstreamBrokenMidBody,
 )
+from trioproxy.front import declared_length_error
 from trioproxy.http.answers import Answer, error_answer, framed
 from trioproxy.http.protocol import Headers, RequestHead, ResponseHead
 from trioproxy.observe.access import log_exchange
@@ -128,7 +129,8 @@ class AsgiDownstream:
         self._http1 = scope.get("http_version", "1.1") in ("1.0", "1.1")
         self._receive = receive
         self._send = send
-        self._limit = body_limit
+        #: The route's ``max_body_size`` (None: no limit).
+        self.body_limit = body_limit
         self._has_body = True
         self._peeked: Message | None = None
         self._done = False
@@ -136,6 +138,11 @@ class AsgiDownstream:
         self._received = 0
         #: The response head went to the client (an error can no longer be answered).
         self.started = False
+
+    @property
+    def received(self) -> int:
+        """Request body bytes received so far."""
+        return self._received
 
     async def read_framing(self, head: RequestHead) -> None:
         """Learn whether the request has a body, reading its first message if the
@@ -145,18 +152,24 @@ class AsgiDownstream:
         Raises:
             BodyTooLarge, ClientDisconnected.
         """
-        limit = self._limit
-        if limit is not None:
-            for name, value in head.headers:
-                if name == b"content-length" and value.isdigit() and int(value) > limit:
-                    raise BodyTooLarge(f"Content-Length {value.decode()} over {limit}")
-        declared = declares_body(head)
+        if (too_large := declared_length_error(head, self.body_limit)) is not None:
+            raise too_large
+        declared = self.note_framing(head)
         if declared is None:
             message = self._peeked = await self._receive()
             declared = message["type"] != "http.request" or bool(
                 message.get("body") or message.get("more_body")
             )
         self._has_body = declared
+
+    def note_framing(self, head: RequestHead) -> bool | None:
+        """Take what the head says of a body, without reading (see
+        :func:`declares_body`), so that an answer made before the body is read
+        closes an HTTP/1.1 connection only when a body is really left unread."""
+        declared = declares_body(head)
+        if declared is not None:
+            self._has_body = declared
+        return declared
 
     # --- Downstream -------------------------------------------------------------------
 
@@ -179,7 +192,7 @@ class AsgiDownstream:
                     self._done = True
                 if data:
                     self._received += len(data)
-                    limit = self._limit
+                    limit = self.body_limit
                     if limit is not None and self._received > limit:
                         raise BodyTooLarge(f"body over {limit} bytes")
                     return data
@@ -252,6 +265,25 @@ async def relay_exchange(
     # its last exchange has ended.
     group.enter()
     try:
+        return await relay(engine, head, route, downstream, record)
+    finally:
+        group.leave()
+
+
+async def relay(
+    engine: Engine,
+    head: RequestHead,
+    route: Route,
+    downstream: AsgiDownstream,
+    record: ExchangeLog,
+) -> str:
+    """:func:`relay_exchange` for a caller that counts the group open itself (the
+    app does, through ``trioproxy.front``).
+
+    Raises:
+        ResponseAborted: the upstream broke off after the response head was sent.
+    """
+    try:
         await downstream.read_framing(head)
         await engine.handle(head, route, downstream, record)
     except ClientDisconnected:
@@ -266,8 +298,6 @@ async def relay_exchange(
             raise ResponseAborted(exc.detail) from None
         await answer_error(downstream, exc, record)
         return exc.detail
-    finally:
-        group.leave()
     return ""
 
 

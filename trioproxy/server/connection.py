@@ -20,28 +20,24 @@ from __future__ import annotations
 
 import logging
 import math
-import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 
 import trio
 
 from trioproxy.config.model import ServerSettings
-from trioproxy.edge.gate import admit
-from trioproxy.edge.limits import RouteLimits
-from trioproxy.engine import Engine, ExchangeLog
+from trioproxy.engine import Engine
 from trioproxy.errors import (
     BodyTooLarge,
     ClientDisconnected,
     ClientTimeout,
-    NoRoute,
     ProtocolError,
     ProxyError,
     RelayError,
     UpstreamBrokenMidBody,
 )
-from trioproxy.http.answers import Answer, admission_error, error_answer, framed, local_answer
+from trioproxy.front import FrontExchange
+from trioproxy.http.answers import Answer, admission_error, error_answer, framed
 from trioproxy.http.h11_impl import H11Server
-from trioproxy.http.headers import new_request_id, request_id_from
 from trioproxy.http.parsers import server_factory
 from trioproxy.http.protocol import (
     NEED_DATA,
@@ -53,11 +49,8 @@ from trioproxy.http.protocol import (
     ResponseHead,
     ServerProtocol,
 )
-from trioproxy.observe.access import log_exchange
-from trioproxy.observe.handlers import handler_answer, metrics_answer
 from trioproxy.relay_hub import ClientSink
 from trioproxy.server.websocket import WebSocketSettings, is_websocket_upgrade, serve_websocket
-from trioproxy.snapshot import Route
 from trioproxy.sockets import FastSocketStream, receive_ready, socket_of
 
 log = logging.getLogger("trioproxy.server")
@@ -242,122 +235,68 @@ class ClientConnection:
             if armed:
                 state._idle.discard(self)
 
-    def _check_declared_length(self, head: RequestHead) -> None:
-        """A Content-Length over the body limit is refused before any upstream sees it."""
-        limit = self._body_limit
-        if limit is None:
-            return
-        for name, value in head.headers:
-            if name == b"content-length" and int(value) > limit:
-                raise BodyTooLarge(f"Content-Length {value.decode()} over {limit}")
-
     async def _handle(self, head: RequestHead) -> bool:
-        """Run one exchange; True if the connection may serve another request."""
+        """Run one exchange; True if the connection may serve another request.
+
+        The steps around the engine are ``trioproxy.front``'s; this writes their
+        answers and errors on the connection."""
         self._request = head
         self._response_started = False
         self._body_received = 0
-        record = ExchangeLog()
-        started = time.perf_counter()
-        # The route's limits once they admitted this request (released at its end).
-        admitted: RouteLimits | None = None
+        self._body_limit = None
+        exchange = FrontExchange(self.state.engine, head, peer=self.client_addr, scheme=self.scheme)
         try:
-            if (path := self.state.metrics_path) is not None and (
-                head.target.partition(b"?")[0] == path
-            ):
-                metrics = metrics_answer(self.state.engine.observer)
-                return await self._answer_locally(head, metrics, record, started)
-            snapshot = self.state.engine.snapshot
-            route = (
-                None
-                if snapshot is None
-                else snapshot.route_for(head.method, head.target, head.headers)
-            )
-            if route is None:
-                raise NoRoute(head.target.split(b"?", 1)[0].decode("latin-1"))
-            record.route = route.name
-            assert snapshot is not None
-            # The rate limits count what the client presented (its key, before the
-            # access rules strip it) under its real IP.
-            presented = head
-            head = admit(
-                head,
-                route,
-                snapshot.identity,
-                peer=self.client_addr,
-                scheme=self.scheme,
-                record=record,
-            )
-            self._body_limit = route.max_body_size
-            self._check_declared_length(head)
-            if route.limits is not None:
-                # Before any upstream is picked: a refused request reaches none.
+            answer = exchange.admit(self.state.metrics_path)
+            self._body_limit = exchange.body_limit
+            if answer is None:
                 try:
-                    await route.limits.admit(
-                        presented.headers, record.client_ip or self.client_addr, trio.current_time()
-                    )
+                    # Before any upstream is picked: a refused request reaches none.
+                    await exchange.admit_limits(trio.current_time())
                 except ProxyError:
                     if not self.request_has_body():
                         await self.receive_body()  # its end: the connection stays usable
                     raise
-                admitted = route.limits
-            group = route.group
-            if route.settings.handler is not None:
-                return await self._answer_handler(head, route, record, started)
-            record.group = route.upstream_name
-            if group is None or route.cors is not None:
-                record.request_id = request_id_from(head.headers) or new_request_id()
-                answer = local_answer(
-                    head,
-                    route,
-                    client_addr=record.client_ip or self.client_addr,
-                    request_id=record.request_id,
-                )
-                if answer is not None:
-                    return await self._answer_locally(head, answer, record, started)
-                assert group is not None
-            # Counted, so that a group a reload removed closes its connections
-            # only once its last exchange (or tunnel) has ended.
-            group.enter()
-            try:
-                if not is_websocket_upgrade(head):
-                    await self.state.engine.handle(head, route, self, record)
-                elif note := await _counted_tunnel(
-                    self.state,
-                    route.name,
-                    serve_websocket(
-                        head,
+                answer = exchange.own_answer(trio.current_time())
+            if answer is not None:
+                return await self._answer_locally(answer, exchange)
+            request = exchange.request
+            if not is_websocket_upgrade(request):
+                with exchange.upstream() as route:
+                    await self.state.engine.handle(request, route, self, exchange.record)
+            else:
+                with exchange.upstream(tunnel=True) as route:
+                    note = await serve_websocket(
+                        request,
                         self,
-                        record,
+                        exchange.record,
                         route=route,
                         engine=self.state.engine,
                         settings=self.state.websocket,
-                    ),
-                ):
-                    self._access(head, record, started, note)
+                    )
+                if note:
+                    self._end(exchange, note)
                     return False  # the tunnel ended: so did the connection
-            finally:
-                group.leave()
         except ClientDisconnected:
+            record = exchange.record
             record.status = record.status or 499
-            self._access(head, record, started, "client gone")
+            self._end(exchange, "client gone")
             return False
         except UpstreamBrokenMidBody as exc:
             log.warning("aborting response to %s: %s", self.client_addr, exc.detail)
-            self._access(head, record, started, "aborted")
+            self._end(exchange, "aborted")
             return False
         except ProxyError as exc:
-            record.status = exc.status
-            self._access(head, record, started, exc.detail)
+            exchange.record.status = exc.status
+            self._end(exchange, exc.detail)
             if self._response_started:
                 return False
             close = self.state.draining or not self.protocol.peer_done
-            await self._answer_error(exc, close=close, request_id=record.request_id)
+            await self._answer_error(exc, close=close, request_id=exchange.record.request_id)
             # The client may have asked to close (Connection: close, HTTP/1.0).
             return not close and self.protocol.reusable
         finally:
-            if admitted is not None:
-                admitted.leave()
-        self._access(head, record, started, "")
+            exchange.release()
+        self._end(exchange, "")
         if not self.protocol.peer_done:
             # The upstream answered before the request body ended.
             await self._linger()
@@ -492,17 +431,17 @@ class ClientConnection:
                 raise ClientDisconnected(repr(exc)) from None
             raise
 
-    async def _answer_locally(
-        self, head: RequestHead, answer: Answer, record: ExchangeLog, started: float
-    ) -> bool:
-        """Send an answer the proxy made (a ``respond`` route, a CORS preflight)."""
+    async def _answer_locally(self, answer: Answer, exchange: FrontExchange) -> bool:
+        """Send an answer the proxy made (metrics, a handler or ``respond`` route, a
+        CORS preflight)."""
+        record = exchange.record
         record.status = answer.status
         while await self.receive_body():
             pass  # the request's body is read and dropped: it goes nowhere
         close = self.state.draining
         await self._answer(answer, close=close)
         record.bytes_out = len(answer.body)
-        self._access(head, record, started, "")
+        self._end(exchange, "")
         return not close and self.protocol.reusable
 
     async def _answer_error(self, exc: ProxyError, *, close: bool, request_id: bytes = b"") -> None:
@@ -542,43 +481,8 @@ class ClientConnection:
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
             pass
 
-    async def _answer_handler(
-        self, head: RequestHead, route: Route, record: ExchangeLog, started: float
-    ) -> bool:
-        """Answer a ``handler = "..."`` route (metrics, health, ping)."""
-        record.request_id = request_id_from(head.headers) or new_request_id()
-        answer = handler_answer(
-            head,
-            route,
-            observer=self.state.engine.observer,
-            now=trio.current_time(),
-            client_addr=self.client_addr,
-            request_id=record.request_id,
-            process_time=time.perf_counter() - started,
-        )
-        return await self._answer_locally(head, answer, record, started)
-
-    def _access(self, head: RequestHead, record: ExchangeLog, started: float, note: str) -> None:
-        duration = time.perf_counter() - started
-        record.bytes_in = self._body_received
-        observer = self.state.engine.observer
-        llm = observer.end(head.method, record, duration) if observer is not None else None
-        log_exchange(record.client_ip or self.client_addr, head, record, duration, note, llm)
-
-
-async def _counted_tunnel(
-    state: ServerState, route: str, tunnel: Awaitable[str | None]
-) -> str | None:
-    """Await a WebSocket tunnel, counted open on its route meanwhile (for metrics)."""
-    observer = state.engine.observer
-    if observer is None:
-        return await tunnel
-    tunnels = observer.tunnels
-    tunnels[route] = tunnels.get(route, 0) + 1
-    try:
-        return await tunnel
-    finally:
-        tunnels[route] -= 1
+    def _end(self, exchange: FrontExchange, note: str) -> None:
+        exchange.end(note, bytes_in=self._body_received)
 
 
 def _peer_host(stream: trio.abc.Stream) -> str:
