@@ -433,7 +433,10 @@ async def test_upstream_silent_is_cut_after_the_read_timeout(nursery: trio.Nurse
     print(f"\nupstream silent: cut after {silent_for * 1000:.0f} ms (read timeout 500 ms)")
     assert body.count(b"beat") == 1
     assert not body.endswith(b"0\r\n\r\n")
-    assert 0.5 <= silent_for < 0.5 * 17 / 16 + 0.25
+    # The upstream stamps its last send once send_all returns, which on a loaded
+    # machine can be a little after the bytes left (seen: 499.3 ms once): a few ms
+    # of slack below, the timer wheel's above.
+    assert 0.49 <= silent_for < 0.5 * 17 / 16 + 0.25
     assert "no data for 0.5 s" in stderr
 
 
