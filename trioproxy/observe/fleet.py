@@ -1,0 +1,88 @@
+"""One ``/metrics`` for several worker processes.
+
+Counters and histograms: prometheus-client's multiprocess mode. The supervisor
+gives every worker ``PROMETHEUS_MULTIPROC_DIR`` (a fresh directory of its own),
+so each worker's counters and histogram buckets are kept in memory-mapped files,
+one per process, and the supervisor's ``/metrics`` sums them with
+``MultiProcessCollector``. The files of a dead worker stay, so a worker's
+restart (a SIGKILL included: nothing is lost since its last request) does not
+reset a total. The per-engine registry of :mod:`trioproxy.observe.metrics` works
+unchanged: in this mode a family writes its values to the files whichever
+registry it is in. The one gauge kept that way,
+``trioproxy_config_last_reload_success_timestamp_seconds``, is the newest of
+the workers' (``multiprocess_mode="max"``).
+
+Live gauges (:class:`~trioproxy.observe.metrics.LiveCollector`: upstream health,
+breakers, requests in flight, pooled and client connections, tunnels, and the
+rate limiters' counts) are read from each worker's own ``/metrics`` when
+Prometheus scrapes, and shown per worker with a ``worker`` label: a breaker or a
+health verdict is each worker's own (see README, "Workers"), and summing a
+breaker state would mean nothing. ``sum without (worker)`` adds them up where
+that makes sense (requests in flight, connections). A dead worker's live series
+are gone until it is back, and its rate limiter counts restart from 0.
+
+What multiprocess mode does not do: a series a reload dropped in a worker
+(a removed route) stays in the files, with its last values, until the
+supervisor restarts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+
+from prometheus_client import CollectorRegistry
+from prometheus_client.exposition import generate_latest
+from prometheus_client.metrics_core import Metric
+from prometheus_client.multiprocess import MultiProcessCollector
+from prometheus_client.parser import text_string_to_metric_families
+from prometheus_client.registry import Collector
+
+#: The families :class:`~trioproxy.observe.metrics.LiveCollector` makes, shown per worker.
+LIVE_FAMILIES = frozenset(
+    {
+        "trioproxy_upstream_server_up",
+        "trioproxy_upstream_breaker_state",
+        "trioproxy_upstream_requests_in_flight",
+        "trioproxy_upstream_connections",
+        "trioproxy_open_connections",
+        "trioproxy_websocket_tunnels",
+        "trioproxy_ratelimit_rejected",
+        "trioproxy_ratelimit_store_errors",
+    }
+)
+
+
+class WorkerLiveCollector(Collector):
+    """The live families of each worker's own exposition, with a ``worker`` label."""
+
+    def __init__(self, expositions: Mapping[int, str]) -> None:
+        self._expositions = expositions
+
+    def describe(self) -> Iterator[Metric]:
+        return iter(())
+
+    def collect(self) -> Iterator[Metric]:
+        merged: dict[str, Metric] = {}
+        for worker, text in sorted(self._expositions.items()):
+            for family in text_string_to_metric_families(text):
+                if family.name not in LIVE_FAMILIES:
+                    continue
+                into = merged.get(family.name)
+                if into is None:
+                    into = merged[family.name] = Metric(
+                        family.name, family.documentation, family.type
+                    )
+                for sample in family.samples:
+                    labels = {**sample.labels, "worker": str(worker)}
+                    into.add_sample(sample.name, labels, sample.value)
+        yield from merged.values()
+
+
+def fleet_exposition(directory: str, expositions: Mapping[int, str]) -> bytes:
+    """The summed counters and histograms of every worker that wrote to
+    ``directory`` (alive or not), and the live gauges of ``expositions`` (worker
+    number → that worker's ``/metrics`` text), in Prometheus' text format."""
+    registry = CollectorRegistry()
+    MultiProcessCollector(registry, path=directory)  # type: ignore[no-untyped-call]
+    registry.register(WorkerLiveCollector(expositions))
+    return generate_latest(registry)
