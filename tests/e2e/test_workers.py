@@ -110,6 +110,36 @@ async def test_requests_spread_over_both_workers_and_metrics_add_up(
     assert proxy.returncode == 0
 
 
+async def test_workers_inherit_one_listening_socket_where_so_reuseport_is_missing(
+    nursery: trio.Nursery,
+) -> None:
+    upstream = await serve_asgi(upstream_app.app, nursery)
+    async with run_proxy(
+        "--workers",
+        "2",
+        "--upstream",
+        upstream,
+        "--admin-port",
+        "0",
+        env={"_TRIOPROXY_NO_REUSEPORT": "1"},
+    ) as proxy:
+        # The workers accept from one queue (which of them takes a connection is
+        # up to who is woken first: no even spread, see README "Workers").
+        for _ in range(10):
+            assert await _get(proxy.host, proxy.port, "/") == (200, b"ok")
+        # Both workers die in turn: the restarted ones serve the inherited socket.
+        for worker, ready in ((1, 3), (0, 4)):
+            victim = (await _status(proxy))["workers"][worker]["pid"]
+            os.kill(victim, signal.SIGKILL)
+            await _logged(proxy, ") ready", ready)
+        for _ in range(10):
+            assert await _get(proxy.host, proxy.port, "/") == (200, b"ok")
+        status = await _status(proxy)
+        assert [w["restarts"] for w in status["workers"]] == [1, 1]
+        assert await _requests_total(proxy) == 20
+    assert proxy.returncode == 0
+
+
 async def test_sigkill_of_a_worker_under_load(nursery: trio.Nursery) -> None:
     upstream = await serve_asgi(upstream_app.app, nursery)
     async with run_proxy("--workers", "2", "--upstream", upstream, "--admin-port", "0") as proxy:
@@ -131,7 +161,7 @@ async def test_sigkill_of_a_worker_under_load(nursery: trio.Nursery) -> None:
             killed_at.append(trio.current_time())
             with trio.fail_after(10):
                 await proxy.wait_for_stderr("worker 0 (pid")
-            await _logged(proxy, "ready", 3)  # two at start, then the new worker 0
+            await _logged(proxy, ") ready", 3)  # two at start, then the new worker 0
             back_after = trio.current_time() - killed_at[0]
             await trio.sleep(1.0)
             stop.set()

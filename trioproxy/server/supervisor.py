@@ -72,6 +72,8 @@ from trioproxy.snapshot import build_snapshot
 
 log = logging.getLogger("trioproxy.supervisor")
 
+#: Set (to anything) in the supervisor's environment: inherited sockets even on Linux.
+ENV_NO_REUSEPORT = "_TRIOPROXY_NO_REUSEPORT"
 #: A worker that ran this long (seconds) before it died starts the crash count afresh.
 STABLE_AFTER = 10.0
 #: Quick deaths in a row of one worker number that end the supervisor.
@@ -164,7 +166,9 @@ class Supervisor:
         self.reloads = 0
         self._reloading = trio.Lock()
         self._metrics_dir = ""
-        self._reuse_port = reuse_port_supported()
+        # (``_TRIOPROXY_NO_REUSEPORT=1`` takes the other platforms' way here too,
+        # so that it is tested on Linux.)
+        self._reuse_port = reuse_port_supported() and not os.environ.get(ENV_NO_REUSEPORT)
         self._listen_fds: tuple[int, ...] = ()
         self._port = 0
         self._nursery: trio.Nursery | None = None
