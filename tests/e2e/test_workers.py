@@ -246,6 +246,9 @@ async def test_sighup_reaches_both_workers_and_streams_on_both_survive(
             log = proxy.stderr()
             assert "[worker 0]: config reloaded" in log and "[worker 1]: config reloaded" in log
             mark = len(log)
+            scrape = parse((await _admin(proxy, "/metrics")).decode())
+            assert scrape.value("trioproxy_config_reloads_total", result="success") == 1
+            assert scrape.value("trioproxy_config_reloads_total", result="failure") == 1
             for _ in range(20):
                 assert (await _get(proxy.host, proxy.port, "/echo"))[0] == 200
         log = await proxy.settled_stderr()

@@ -21,6 +21,9 @@ breaker state would mean nothing. ``sum without (worker)`` adds them up where
 that makes sense (requests in flight, connections). A dead worker's live series
 are gone until it is back, and its rate limiter counts restart from 0.
 
+``trioproxy_config_reloads_total`` is the supervisor's own count: a reload is
+checked once, there, and one that is refused never reaches a worker.
+
 What multiprocess mode does not do: a series a reload dropped in a worker
 (a removed route) stays in the files, with its last values, until the
 supervisor restarts.
@@ -31,11 +34,14 @@ from __future__ import annotations
 from collections.abc import Iterator, Mapping
 
 from prometheus_client import CollectorRegistry
+from prometheus_client.core import CounterMetricFamily
 from prometheus_client.exposition import generate_latest
 from prometheus_client.metrics_core import Metric
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
+
+RELOADS = "trioproxy_config_reloads"
 
 #: The families :class:`~trioproxy.observe.metrics.LiveCollector` makes, shown per worker.
 LIVE_FAMILIES = frozenset(
@@ -78,11 +84,42 @@ class WorkerLiveCollector(Collector):
         yield from merged.values()
 
 
-def fleet_exposition(directory: str, expositions: Mapping[int, str]) -> bytes:
+class _Without(Collector):
+    """Another collector's families but those named in ``names``."""
+
+    def __init__(self, inner: Collector, names: frozenset[str]) -> None:
+        self._inner = inner
+        self._names = names
+
+    def collect(self) -> Iterator[Metric]:
+        return (family for family in self._inner.collect() if family.name not in self._names)
+
+
+class _Reloads(Collector):
+    """``trioproxy_config_reloads_total`` as the supervisor counts them: one per
+    reload of the whole fleet (the workers would count each once per worker, and
+    never see a refused one)."""
+
+    def __init__(self, counts: Mapping[str, int]) -> None:
+        self._counts = counts
+
+    def collect(self) -> Iterator[Metric]:
+        family = CounterMetricFamily(RELOADS, "Config reloads, by result", labels=["result"])
+        for result, count in sorted(self._counts.items()):
+            family.add_metric([result], count)
+        yield family
+
+
+def fleet_exposition(
+    directory: str, expositions: Mapping[int, str], reloads: Mapping[str, int]
+) -> bytes:
     """The summed counters and histograms of every worker that wrote to
-    ``directory`` (alive or not), and the live gauges of ``expositions`` (worker
-    number → that worker's ``/metrics`` text), in Prometheus' text format."""
+    ``directory`` (alive or not), the live gauges of ``expositions`` (worker
+    number → that worker's ``/metrics`` text), and the supervisor's ``reloads``
+    (result → count), in Prometheus' text format."""
+    summed = MultiProcessCollector(None, path=directory)  # type: ignore[no-untyped-call]
     registry = CollectorRegistry()
-    MultiProcessCollector(registry, path=directory)  # type: ignore[no-untyped-call]
+    registry.register(_Without(summed, frozenset({RELOADS})))
+    registry.register(_Reloads(reloads))
     registry.register(WorkerLiveCollector(expositions))
     return generate_latest(registry)

@@ -163,7 +163,9 @@ class Supervisor:
         self.stopping = False
         self.status = 0
         self.config_error: str | None = None
+        #: Reloads checked good (and sent to every worker), and refused.
         self.reloads = 0
+        self.refused = 0
         self._reloading = trio.Lock()
         self._metrics_dir = ""
         # (``_TRIOPROXY_NO_REUSEPORT=1`` takes the other platforms' way here too,
@@ -238,6 +240,9 @@ class Supervisor:
             started = time.monotonic()
             await self._start(slot)
             assert slot.process is not None
+            if self.stopping and slot.process.returncode is None:
+                # Started while the others were told to drain: it drains too.
+                slot.process.send_signal(signal.SIGTERM)
             returncode = await slot.process.wait()
             ran = time.monotonic() - started
             slot.admin = None
@@ -403,6 +408,7 @@ class Supervisor:
                 lines = str(exc).splitlines() or [repr(exc)]
                 more = f" (and {len(lines) - 1} more)" if len(lines) > 1 else ""
                 self.config_error = f"{lines[0]}{more}"
+                self.refused += 1
                 log.error(
                     "reload refused, the config in use stays (no worker was told): %s",
                     self.config_error,
@@ -412,6 +418,11 @@ class Supervisor:
                 log.warning("reload: a new number of workers needs a restart")
             self.config_error = None
             self.reloads += 1
+            # (The number of workers, the listener and the admin listener stay as
+            # they were started; grace and the rest apply from now on.)
+            self.config = attrs.evolve(
+                config, server=attrs.evolve(config.server, workers=len(self.slots))
+            )
             log.info("config OK, every worker reloads it")
             self._signal_workers(signal.SIGHUP)
             return True
@@ -510,7 +521,8 @@ class FleetAdmin:
                 for worker, answer in answers.items()
                 if answer is not None and answer[0] == 200
             }
-            return 200, CONTENT_TYPE, fleet_exposition(sup.metrics_dir, texts)
+            reloads = {"success": sup.reloads, "failure": sup.refused}
+            return 200, CONTENT_TYPE, fleet_exposition(sup.metrics_dir, texts, reloads)
         if path == b"/health":
             answers = await sup.ask_all("/health")
             ok = any(a is not None and a[0] == 200 for a in answers.values())
@@ -532,7 +544,11 @@ class FleetAdmin:
                 "supervisor": {
                     "pid": os.getpid(),
                     "workers": len(sup.slots),
-                    "config": {"reloads": sup.reloads, "last_error": sup.config_error},
+                    "config": {
+                        "reloads": sup.reloads,
+                        "refused": sup.refused,
+                        "last_error": sup.config_error,
+                    },
                 },
                 "workers": workers,
             }
