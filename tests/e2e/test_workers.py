@@ -13,6 +13,8 @@ import json
 import os
 import re
 import signal
+import socket
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -314,3 +316,29 @@ async def test_a_worker_that_cannot_start_again_is_a_crash_loop(
         assert f"worker 1 (pid {victim}) killed by signal SIGKILL" in log
         assert "exited with status 2" in log
         assert "crash loop, stopping" in log
+
+
+async def test_workers_1_is_one_process_without_a_supervisor(nursery: trio.Nursery) -> None:
+    upstream = await serve_asgi(upstream_app.app, nursery)
+    async with run_proxy("--workers", "1", "--upstream", upstream) as proxy:
+        assert await _get(proxy.host, proxy.port, "/") == (200, b"ok")
+        log = await proxy.settled_stderr()
+        assert "trioproxy.supervisor" not in log and "[worker" not in log
+        assert "trioproxy.access: " in log
+
+
+async def test_an_admin_port_in_use_stops_the_supervisor_before_any_worker_starts() -> None:
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        port = held.getsockname()[1]
+        command = [sys.executable, "-m", "trioproxy", "--workers", "2", "--port", "0"]
+        command += ["--upstream", "http://127.0.0.1:9", "--admin-port", str(port)]
+        with trio.fail_after(30):
+            result = await trio.run_process(
+                command, capture_stdout=True, capture_stderr=True, check=False
+            )
+    stderr = result.stderr.decode()
+    assert result.returncode == 1, stderr
+    assert f"cannot listen on 127.0.0.1:{port} (admin)" in stderr
+    assert "[worker" not in stderr and b"listening on" not in result.stdout

@@ -199,12 +199,17 @@ class Supervisor:
                 await nursery.start(self._watch_signals)
                 if self._watch:
                     nursery.start_soon(self._watch_files)
+                if not await self._serve_admin(nursery):
+                    nursery.cancel_scope.cancel()
+                    return 1
                 for slot in self.slots:
                     nursery.start_soon(self._keep, slot)
                 for slot in self.slots:
                     await slot.ready.wait()
                 if not self.stopping:
-                    await self._announce(nursery, address)
+                    scheme = "https" if server.tls is not None else "http"
+                    log.info("%d workers ready", len(self.slots))
+                    print(f"listening on {format_url(address, scheme)}", flush=True)
                 await self._all_stopped()
                 nursery.cancel_scope.cancel()
         finally:
@@ -214,17 +219,24 @@ class Supervisor:
         log.info("stopped")
         return self.status
 
-    async def _announce(self, nursery: trio.Nursery, address: tuple[str, int]) -> None:
-        """Every worker accepts: open the admin listener, print ``listening on``."""
-        server = self.config.server
-        if server.admin is not None:
+    async def _serve_admin(self, nursery: trio.Nursery) -> bool:
+        """Open the admin listener (before any worker starts); False if it cannot be."""
+        admin_settings = self.config.server.admin
+        if admin_settings is None:
+            return True
+        try:
             admin = await nursery.start(
-                serve_admin, FleetAdmin(self), server.admin.host, server.admin.port
+                serve_admin, FleetAdmin(self), admin_settings.host, admin_settings.port
             )
-            log.info("admin listening on %s", format_url(admin[0]))
-        scheme = "https" if server.tls is not None else "http"
-        log.info("%d workers ready", len(self.slots))
-        print(f"listening on {format_url(address, scheme)}", flush=True)
+        except OSError as exc:
+            print(
+                f"trioproxy: cannot listen on {admin_settings.host}:{admin_settings.port} "
+                f"(admin): {exc.strerror or exc}",
+                file=sys.stderr,
+            )
+            return False
+        log.info("admin listening on %s", format_url(admin[0]))
+        return True
 
     async def _all_stopped(self) -> None:
         for slot in self.slots:
