@@ -24,6 +24,15 @@ are gone until it is back, and its rate limiter counts restart from 0.
 ``trioproxy_config_reloads_total`` is the supervisor's own count: a reload is
 checked once, there, and one that is refused never reaches a worker.
 
+Cost. The library's multiprocess value takes a lock and calls ``os.getpid()`` (a
+system call) on every increment, to guard against threads and ``fork``; that made
+counting one exchange 10.1 µs instead of 3.7 µs (``Metrics.observe_exchange``,
+measured in-process), about 7 % of a proxied request's CPU. A worker has neither:
+its metrics are touched by the trio thread only, and it never forks. So a worker
+installs :func:`install_worker_values`, the same value writing through to the same
+file without them: 4.05 µs per exchange. Every increment still reaches the file at
+once, so a SIGKILL loses nothing.
+
 What multiprocess mode does not do: a series a reload dropped in a worker
 (a removed route) stays in the files, with its last values, until the
 supervisor restarts.
@@ -32,8 +41,9 @@ supervisor restarts.
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
+from typing import Any
 
-from prometheus_client import CollectorRegistry
+from prometheus_client import CollectorRegistry, values
 from prometheus_client.core import CounterMetricFamily
 from prometheus_client.exposition import generate_latest
 from prometheus_client.metrics_core import Metric
@@ -123,3 +133,23 @@ def fleet_exposition(
     registry.register(_Reloads(reloads))
     registry.register(WorkerLiveCollector(expositions))
     return generate_latest(registry)
+
+
+def install_worker_values() -> None:
+    """Make the metrics created from now on keep their values as a worker's should
+    (see "Cost" in the module docstring). Needs ``PROMETHEUS_MULTIPROC_DIR``.
+
+    Safe only in a process whose metrics one thread touches and that does not fork
+    between creating a metric and using it: a worker process.
+    """
+    base: Any = values.MultiProcessValue()  # type: ignore[no-untyped-call]
+
+    class WorkerValue(base):  # type: ignore[misc]
+        """The library's mmap-backed value, written through without lock or pid check."""
+
+        def inc(self, amount: float) -> None:
+            self._value += amount
+            self._timestamp = 0.0
+            self._file.write_value(self._key, self._value, 0.0)
+
+    values.ValueClass = WorkerValue
