@@ -26,6 +26,11 @@ does not. req/s at N = 2 cannot double here; what it shows is how much of the
 second core a contender can turn into requests against the load generator it shares
 it with. CPU per request (the contender's whole process tree, user + system, over
 the requests wrk counted) is the figure that must hold still from N = 1 to N = 2.
+
+``--pin`` puts every contender (supervisor and workers alike) on core 1 and wrk
+(one thread) and the back end on core 0, as the rest of the bench does: two workers
+then share one core, req/s cannot scale, and CPU per request shows only what the
+split into processes costs, without the contention for cores.
 """
 
 from __future__ import annotations
@@ -41,13 +46,13 @@ from pathlib import Path
 from bench import floor, nginx, wrk
 from bench.contenders import REPO_DIR
 from bench.env import discover
-from bench.procs import Child, free_port, raise_nofile_limit, start
+from bench.procs import CORE_LOAD, CORE_PROXY, Child, free_port, pin_self, raise_nofile_limit, start
 
 CONTENDERS = ("trioproxy-1", "trioproxy-2", "trioproxy-1-mp", "nginx-1", "nginx-2")
 CONNECTIONS = 64
 
 
-def _contender(name: str, upstream: str, workdir: Path) -> Child:
+def _contender(name: str, upstream: str, workdir: Path, core: int | None) -> Child:
     port = free_port()
     if name.startswith("trioproxy"):
         _, workers, *variant = name.split("-")
@@ -62,7 +67,7 @@ def _contender(name: str, upstream: str, workdir: Path) -> Child:
             metrics_dir = workdir / f"{name}-{port}-metrics"
             metrics_dir.mkdir()
             env["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir)
-        return start(name, argv, port=port, core=None, log_dir=workdir, cwd=REPO_DIR, env=env)
+        return start(name, argv, port=port, core=core, log_dir=workdir, cwd=REPO_DIR, env=env)
     tools = discover()
     assert tools.nginx is not None, "nginx not found"
     conf = nginx.write_proxy(workdir / name, port, upstream, raise_nofile_limit(), stream=False)
@@ -70,24 +75,26 @@ def _contender(name: str, upstream: str, workdir: Path) -> Child:
     conf.write_text(
         conf.read_text().replace("worker_processes 1;", f"worker_processes {workers};", 1)
     )
-    return start(name, nginx.command(tools.nginx, conf), port=port, core=None, log_dir=workdir)
+    return start(name, nginx.command(tools.nginx, conf), port=port, core=core, log_dir=workdir)
 
 
-def _wrk(url: str, duration: float) -> wrk.WrkResult:
+def _wrk(url: str, duration: float, pin: bool) -> wrk.WrkResult:
     tools = discover()
     assert tools.wrk is not None, "wrk not found"
+    if pin:
+        return wrk.run(tools.wrk, url, connections=CONNECTIONS, duration=duration)
     argv = [tools.wrk, "-t2", f"-c{CONNECTIONS}", f"-d{max(1, round(duration))}s"]
     argv += ["--timeout=30s", "--latency", url]
     proc = subprocess.run(argv, capture_output=True, text=True, timeout=duration + 60, check=True)
     return wrk.parse(proc.stdout)
 
 
-def _once(child: Child, duration: float) -> dict[str, float]:
+def _once(child: Child, duration: float, pin: bool) -> dict[str, float]:
     url = f"http://127.0.0.1:{child.port}/small"
-    _wrk(url, 1)  # warm-up
+    _wrk(url, 1, pin)  # warm-up
     before = child.cpu_seconds()
     load_before = os.getloadavg()[0]
-    result = _wrk(url, duration)
+    result = _wrk(url, duration, pin)
     used = child.cpu_seconds() - before
     if result.errors or result.non_2xx or not result.requests:
         raise SystemExit(f"wrk saw errors: {result}")
@@ -105,9 +112,17 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--duration", type=float, default=5.0)
     parser.add_argument("--contenders", default=",".join(CONTENDERS))
+    parser.add_argument(
+        "--pin",
+        action="store_true",
+        help="every contender (all its processes) on core 1, wrk -t1 and the back end on "
+        "core 0, as the rest of the bench: CPU per request without the contention for cores",
+    )
     args = parser.parse_args()
     names = args.contenders.split(",")
     raise_nofile_limit()
+    if args.pin:
+        pin_self(CORE_LOAD)
     runs: dict[str, list[dict[str, float]]] = {name: [] for name in names}
     with tempfile.TemporaryDirectory(prefix="bench-workers-") as tmp:
         os.chmod(tmp, 0o755)  # nginx's workers (another user) read the files in it
@@ -117,9 +132,10 @@ def main() -> None:
             for rep in range(args.reps):
                 order = names[rep % len(names) :] + names[: rep % len(names)]
                 for name in order:
-                    child = _contender(name, f"127.0.0.1:{backend.port}", workdir)
+                    core = CORE_PROXY if args.pin else None
+                    child = _contender(name, f"127.0.0.1:{backend.port}", workdir, core)
                     try:
-                        figures = _once(child, args.duration)
+                        figures = _once(child, args.duration, args.pin)
                     finally:
                         child.stop()
                     runs[name].append(figures)
@@ -134,7 +150,8 @@ def main() -> None:
             backend.stop()
     print(
         f"\nmedians of {args.reps} repetitions, {args.duration:g} s each, "
-        f"wrk -t2 -c{CONNECTIONS} /small, nothing pinned:"
+        f"wrk -c{CONNECTIONS} /small, "
+        + ("contender on core 1, wrk on core 0:" if args.pin else "nothing pinned, wrk -t2:")
     )
     print(f"{'contender':12} {'req/s':>8} {'µs/req':>7} {'cores':>6} {'p99 ms':>7}")
     for name in names:

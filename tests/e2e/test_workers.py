@@ -342,3 +342,15 @@ async def test_an_admin_port_in_use_stops_the_supervisor_before_any_worker_start
     assert result.returncode == 1, stderr
     assert f"cannot listen on 127.0.0.1:{port} (admin)" in stderr
     assert "[worker" not in stderr and b"listening on" not in result.stdout
+
+
+async def test_json_access_lines_carry_the_worker(nursery: trio.Nursery) -> None:
+    upstream = await serve_asgi(upstream_app.app, nursery)
+    args = ["--workers", "2", "--upstream", upstream, "--log-format", "json"]
+    async with run_proxy(*args) as proxy:
+        for _ in range(30):
+            assert await _get(proxy.host, proxy.port, "/") == (200, b"ok")
+        log = await proxy.settled_stderr()
+    lines = [json.loads(line) for line in log.splitlines() if line.startswith("{")]
+    assert len(lines) == 30
+    assert {line["worker"] for line in lines} == {0, 1}
