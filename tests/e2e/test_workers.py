@@ -202,14 +202,16 @@ def _config(a: str, b: str, to: str, *, broken: bool = False) -> str:
     )
 
 
-async def test_sighup_reaches_both_workers_and_streams_on_both_survive(
-    tmp_path: Path, nursery: trio.Nursery
+@pytest.mark.parametrize("how", ["sighup", "watch"])
+async def test_a_reload_reaches_both_workers_and_streams_on_both_survive(
+    how: str, tmp_path: Path, nursery: trio.Nursery
 ) -> None:
     a = await serve_asgi(upstream_app.app, nursery)
     b = await serve_asgi(upstream_app.app, nursery)
     path = tmp_path / "trioproxy.toml"
     path.write_text(_config(a, b, "a"))
-    async with run_proxy("--config", str(path)) as proxy:
+    watch = ["--watch"] if how == "watch" else []
+    async with run_proxy("--config", str(path), *watch) as proxy:
         events: list[list[int]] = []
 
         async def sse(opened: trio.Event) -> None:
@@ -233,7 +235,8 @@ async def test_sighup_reaches_both_workers_and_streams_on_both_survive(
                     await opened.wait()
             # A bad config: refused by the supervisor; no worker hears of it.
             path.write_text(_config(a, b, "b", broken=True))
-            proxy.process.send_signal(signal.SIGHUP)
+            if how == "sighup":
+                proxy.process.send_signal(signal.SIGHUP)
             await _logged(proxy, "reload refused", 1)
             status = await _status(proxy)
             assert status["supervisor"]["config"]["last_error"]
@@ -243,7 +246,8 @@ async def test_sighup_reaches_both_workers_and_streams_on_both_survive(
                 assert json.loads(body)["headers"]  # served by a
             # A good one: both workers reload it, while the streams go on.
             path.write_text(_config(a, b, "b"))
-            proxy.process.send_signal(signal.SIGHUP)
+            if how == "sighup":
+                proxy.process.send_signal(signal.SIGHUP)
             await _logged(proxy, "config reloaded (generation 2)", 2)
             log = proxy.stderr()
             assert "[worker 0]: config reloaded" in log and "[worker 1]: config reloaded" in log
