@@ -358,3 +358,29 @@ async def test_json_access_lines_carry_the_worker(nursery: trio.Nursery) -> None
     lines = [json.loads(line) for line in log.splitlines() if line.startswith("{")]
     assert len(lines) == 30
     assert {line["worker"] for line in lines} == {0, 1}
+
+
+async def test_workers_drain_and_exit_when_the_supervisor_is_killed(
+    nursery: trio.Nursery,
+) -> None:
+    upstream = await serve_asgi(upstream_app.app, nursery)
+    async with run_proxy("--workers", "2", "--upstream", upstream, "--admin-port", "0") as proxy:
+        pids = [worker["pid"] for worker in (await _status(proxy))["workers"]]
+        proxy.process.send_signal(signal.SIGKILL)
+        with trio.fail_after(15):
+            await proxy.process.wait()
+            await _logged(proxy, "the supervisor is gone; draining", 2)
+            for pid in pids:
+                # Gone, or a zombie nobody reaps (PID 1 of a container may not).
+                while _proc_state(pid) not in ("gone", "zombie"):  # noqa: ASYNC110
+                    await trio.sleep(0.05)
+
+
+def _proc_state(pid: int) -> str:
+    """``gone``, ``zombie``, or ``running`` (Linux's /proc)."""
+    try:
+        with open(f"/proc/{pid}/status") as status:
+            text = status.read()
+    except OSError:
+        return "gone"
+    return "zombie" if "\nState:\tZ" in text else "running"
