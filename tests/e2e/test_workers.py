@@ -169,7 +169,7 @@ async def test_sigkill_of_a_worker_under_load(nursery: trio.Nursery) -> None:
             stop.set()
         log = proxy.stderr()
         assert f"worker 0 (pid {victim}) killed by signal SIGKILL" in log, log
-        assert back_after < 5, back_after
+        assert back_after < 8, back_after  # "within a few seconds", on a loaded machine
         # Requests that began half a second after the kill all succeeded, before and
         # after the worker was back.
         later = [status for at, status in results if at > killed_at[0] + 0.5]
