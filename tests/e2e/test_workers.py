@@ -299,27 +299,69 @@ async def test_sigterm_drains_both_workers_then_exits_0(nursery: trio.Nursery) -
     assert proxy.returncode == 0
 
 
-async def test_a_worker_that_cannot_start_again_is_a_crash_loop(
+async def test_a_worker_that_refuses_the_config_as_it_reads_now_is_retried(
     tmp_path: Path, nursery: trio.Nursery
 ) -> None:
     upstream = await serve_asgi(upstream_app.app, nursery)
     path = tmp_path / "trioproxy.toml"
-    path.write_text(
+    good = (
         "[server]\nworkers = 2\nadmin = { port = 0 }\n"
         f'[upstreams.default]\nservers = ["{upstream}"]\n'
     )
+    path.write_text(good)
     async with run_proxy("--config", str(path)) as proxy:
         victim = (await _status(proxy))["workers"][1]["pid"]
-        # A worker started now reads a config it refuses (exit status 2), each time.
+        # The file turns bad, then a worker dies: started again, it refuses the file
+        # (exit status 2). Not a crash: the other worker serves on.
         path.write_text("[server]\nworkers = 2\nbogus = 1\n")
         os.kill(victim, signal.SIGKILL)
-        with trio.fail_after(30):
-            await proxy.process.wait()
-        log = proxy.stderr()
-        assert proxy.returncode == 1, log
-        assert f"worker 1 (pid {victim}) killed by signal SIGKILL" in log
-        assert "exited with status 2" in log
-        assert "crash loop, stopping" in log
+        await _logged(proxy, "refused the config as it reads now", 1)
+        for _ in range(10):
+            assert await _get(proxy.host, proxy.port, "/") == (200, b"ok")
+        # Fixed: the worker is back at its next try.
+        path.write_text(good)
+        await _logged(proxy, ") ready", 3)
+        status = await _status(proxy)
+        assert [w["state"] for w in status["workers"]] == ["ready", "ready"]
+        assert proxy.returncode is None
+    assert proxy.returncode == 0
+
+
+# Imported as a route's body transform: kills worker 1 as it loads its config.
+_CRASHY = """
+import os
+if os.environ.get("_TRIOPROXY_WORKER_ID") == "1":
+    os._exit(3)
+
+def transform(body: bytes, content_type: str) -> bytes:
+    return body
+"""
+
+
+async def test_a_worker_that_dies_at_each_start_is_a_crash_loop(
+    tmp_path: Path, nursery: trio.Nursery
+) -> None:
+    upstream = await serve_asgi(upstream_app.app, nursery)
+    (tmp_path / "crashy.py").write_text(_CRASHY)
+    path = tmp_path / "trioproxy.toml"
+    path.write_text(
+        "[server]\nworkers = 2\n"
+        f'[upstreams.default]\nservers = ["{upstream}"]\n'
+        '[routes.r]\nupstream = "default"\nbody_transform = "crashy:transform"\n'
+    )
+    command = [sys.executable, "-m", "trioproxy", "--port", "0", "--config", str(path)]
+    env = {**os.environ, "PYTHONPATH": str(tmp_path)}
+    with trio.fail_after(60):
+        result = await trio.run_process(
+            command, env=env, capture_stdout=True, capture_stderr=True, check=False
+        )
+    log = result.stderr.decode()
+    assert result.returncode == 1, log
+    assert b"listening on" not in result.stdout
+    assert log.count("exited with status 3") == 5, log
+    assert "restarting in 0.1 s" in log and "restarting in 0.8 s" in log
+    assert "crash loop, stopping" in log
+    assert "worker 0 (pid" in log and "exited with status 0" in log  # drained, not killed
 
 
 async def test_workers_1_is_one_process_without_a_supervisor(nursery: trio.Nursery) -> None:

@@ -32,7 +32,11 @@ Lifecycle::
 A worker that dies is started again after a backoff (0.1 s, doubling up to 5 s;
 a worker that ran for ``STABLE_AFTER`` seconds starts the count afresh). When
 one worker number dies ``CRASH_LIMIT`` times in a row without running that long,
-the supervisor stops every worker and exits 1.
+the supervisor stops every worker and exits 1. A worker started again that
+refuses the configuration (exit status 2: the file was changed into a bad one
+after the supervisor checked it, and then the worker died) is no crash: the
+others serve on, and it is tried again every ``MAX_BACKOFF`` seconds until the
+file is fixed.
 
 Reload: the supervisor reads and checks the whole configuration (as
 ``--check-config`` does); a bad one is refused and logged, and no worker hears
@@ -74,6 +78,8 @@ log = logging.getLogger("trioproxy.supervisor")
 
 #: Set (to anything) in the supervisor's environment: inherited sockets even on Linux.
 ENV_NO_REUSEPORT = "_TRIOPROXY_NO_REUSEPORT"
+#: A worker's exit status for a configuration it refuses (as ``python -m trioproxy``).
+CONFIG_REFUSED = 2
 #: A worker that ran this long (seconds) before it died starts the crash count afresh.
 STABLE_AFTER = 10.0
 #: Quick deaths in a row of one worker number that end the supervisor.
@@ -174,6 +180,8 @@ class Supervisor:
         self._listen_fds: tuple[int, ...] = ()
         self._port = 0
         self._nursery: trio.Nursery | None = None
+        #: Every worker was ready once and ``listening on`` was printed.
+        self.listening = False
 
     # --- run ------------------------------------------------------------------------
 
@@ -210,6 +218,7 @@ class Supervisor:
                     scheme = "https" if server.tls is not None else "http"
                     log.info("%d workers ready", len(self.slots))
                     print(f"listening on {format_url(address, scheme)}", flush=True)
+                    self.listening = True
                 await self._all_stopped()
                 nursery.cancel_scope.cancel()
         finally:
@@ -257,6 +266,7 @@ class Supervisor:
                 slot.process.send_signal(signal.SIGTERM)
             returncode = await slot.process.wait()
             ran = time.monotonic() - started
+            was_ready = slot.state == "ready"
             slot.admin = None
             slot.last_exit = describe_exit(returncode)
             if self.stopping:
@@ -268,6 +278,20 @@ class Supervisor:
                 mark_process_dead(slot.pid, self._metrics_dir)  # type: ignore[no-untyped-call]
             except OSError:
                 pass
+            if returncode == CONFIG_REFUSED and not was_ready and self.listening:
+                # Not a crash: the config as it reads now is refused (a file edited
+                # after a refused reload). The others serve on; retry until it is fixed.
+                slot.state = "restarting"
+                slot.restarts += 1
+                log.error(
+                    "worker %d (pid %s) refused the config as it reads now (exit status 2, "
+                    "its errors are above); the other workers serve on; retrying in %.1f s",
+                    slot.id,
+                    slot.pid,
+                    MAX_BACKOFF,
+                )
+                await trio.sleep(MAX_BACKOFF)
+                continue
             quick_deaths = 1 if ran >= STABLE_AFTER else quick_deaths + 1
             if quick_deaths >= CRASH_LIMIT:
                 log.critical(
