@@ -290,6 +290,10 @@ async def test_sigterm_drains_both_workers_then_exits_0(nursery: trio.Nursery) -
                     clients.start_soon(slow)
                     started += 1
                     await trio.sleep(0.05)
+                # Every request is in flight (none waits in an accept queue, where a
+                # drain would reset it: that is what a drain does to those).
+                while sum(_inflight(await _status(proxy))) < started:  # noqa: ASYNC110
+                    await trio.sleep(0.05)
             proxy.process.send_signal(signal.SIGTERM)
             with trio.fail_after(15):
                 await proxy.process.wait()
