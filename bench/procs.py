@@ -48,14 +48,15 @@ def cores_available() -> bool:
     return {CORE_LOAD, CORE_PROXY} <= _CORES and shutil.which("taskset") is not None
 
 
-def pinned(argv: Sequence[str], core: int) -> list[str]:
+def pinned(argv: Sequence[str], core: int | None) -> list[str]:
     """``argv`` run under ``taskset -c CORE`` when the machine has the cores for it, and
     under ``setpriv --pdeathsig TERM`` when there is one, so that a child is told to stop
-    even if this process dies without its cleanup (SIGKILL)."""
+    even if this process dies without its cleanup (SIGKILL). ``core=None``: not pinned
+    (``bench.workers``, where a contender's workers spread over every core)."""
     prefix = []
     if shutil.which("setpriv"):
         prefix = ["setpriv", "--pdeathsig", "TERM"]
-    if cores_available():
+    if core is not None and cores_available():
         prefix += ["taskset", "-c", str(core)]
     return [*prefix, *argv]
 
@@ -212,7 +213,7 @@ def start(
     argv: Sequence[str],
     *,
     port: int,
-    core: int,
+    core: int | None,
     log_dir: Path,
     env: Mapping[str, str] | None = None,
     cwd: Path | None = None,

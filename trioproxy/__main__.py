@@ -16,7 +16,7 @@ import argparse
 import gc
 import os
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NoReturn
 
 import attrs
@@ -28,6 +28,7 @@ from trioproxy.config.load import CliValue, ConfigSources, load_config
 from trioproxy.config.model import AdminSettings, Config, ServerSettings, UpstreamGroup
 from trioproxy.config.values import HEALTH_METHODS, HTTP_PARSERS, LOG_LEVELS
 from trioproxy.observe import access, log_output
+from trioproxy.server.worker import WorkerSettings, report_ready, worker_config, worker_loader
 from trioproxy.snapshot import build_snapshot
 from trioproxy.upstream.origin import UpstreamURL
 
@@ -260,6 +261,14 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="S",
         help="how long a request waits for a connection under that cap, else 503 "
         f"(default: {_seconds(_GROUP.pool.timeout)})",
+    )
+    server(
+        "--workers",
+        ("server", "workers"),
+        metavar="N",
+        help="worker processes, each with its own SO_REUSEPORT listener, under one "
+        'supervisor; "auto" = one per CPU this process may use; 1 = this process serves, '
+        f"no supervisor (default: {_SERVER.workers})",
     )
     server(
         "--grace",
@@ -598,7 +607,9 @@ def tune_gc() -> None:
     gc.set_threshold(GC_GEN0_THRESHOLD, 10, 10)
 
 
-async def _main(config: Config, sources: ConfigSources) -> int:
+async def _main(
+    config: Config, sources: ConfigSources, worker: WorkerSettings | None = None
+) -> int:
     from trioproxy.server.listener import ProxyServer, announce
 
     async with trio.open_nursery() as nursery:
@@ -611,7 +622,16 @@ async def _main(config: Config, sources: ConfigSources) -> int:
         watch = (
             [path for path in (config.source, _env_file(sources)) if path] if config.watch else []
         )
-        server = ProxyServer(config, load=lambda: _reload(sources), watch=watch)
+        load: Callable[[], Config] = lambda: _reload(sources)  # noqa: E731
+        if worker is not None:
+            load = worker_loader(load, worker)
+        server = ProxyServer(
+            config,
+            load=load,
+            watch=watch,
+            reuse_port=worker is not None and not worker.listen_fds,
+            sockets=worker.sockets() if worker is not None else (),
+        )
         try:
             await server.bind()
         except OSError as exc:
@@ -624,7 +644,10 @@ async def _main(config: Config, sources: ConfigSources) -> int:
             return 1
         tune_gc()
         addresses = await nursery.start(server.run)
-        announce(addresses, server.scheme)
+        if worker is None:
+            announce(addresses, server.scheme)
+        else:
+            nursery.start_soon(report_ready, worker, server.admin_addresses, server.shutdown)
         await server.wait_stopped()
         nursery.cancel_scope.cancel()
     return 0
@@ -667,6 +690,15 @@ def main(argv: Sequence[str] | None = None) -> None:
         print(summary(config))
         sys.exit(0)
     log_format = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+    worker = WorkerSettings.from_environ(os.environ)
+    if worker is not None:
+        config = worker_config(config, worker)
+        log_format = worker.log_format()
+        access.set_worker(worker.id)
+        if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+            from trioproxy.observe.fleet import install_worker_values
+
+            install_worker_values()
     log_output.install(config.server.log_level, log_format)
     access.set_format(config.server.log_format)
     try:
@@ -678,8 +710,24 @@ def main(argv: Sequence[str] | None = None) -> None:
         )
         sys.exit(2)
     status = 0
+    if worker is None and config.server.workers > 1:
+        from trioproxy.server.supervisor import Supervisor
+
+        files = (config.source, _env_file(sources))
+        watch = [path for path in files if path] if config.watch else []
+        supervisor = Supervisor(
+            config,
+            load=lambda: _reload(sources),
+            argv=sys.argv[1:] if argv is None else list(argv),
+            watch=watch,
+        )
+        try:
+            status = trio.run(supervisor.run)
+        except* KeyboardInterrupt:
+            status = 0
+        sys.exit(status)
     try:
-        status = trio.run(_main, config, sources)
+        status = trio.run(_main, config, sources, worker)
     except* KeyboardInterrupt:
         # Ctrl-C before the signal handlers are in place (nurseries wrap it).
         status = 0

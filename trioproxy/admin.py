@@ -15,8 +15,11 @@ One request per connection: admin traffic is rare and tiny.
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
+from collections.abc import Awaitable
+from typing import Protocol
 
 import trio
 
@@ -29,6 +32,16 @@ from trioproxy.observe.handlers import metrics_answer
 log = logging.getLogger("trioproxy.admin")
 
 _READ_TIMEOUT = 10.0
+
+
+Answer = tuple[int, bytes, bytes]
+
+
+class Responder(Protocol):
+    """What the admin listener serves: :class:`AdminApp`, or the supervisor's view of
+    every worker (``trioproxy.server.supervisor.FleetAdmin``), which answers async."""
+
+    def respond(self, method: bytes, target: bytes) -> Answer | Awaitable[Answer]: ...
 
 
 class AdminApp:
@@ -81,7 +94,7 @@ def _json(value: object) -> bytes:
 
 
 async def serve_admin(
-    app: AdminApp,
+    app: Responder,
     host: str,
     port: int,
     *,
@@ -100,7 +113,7 @@ async def serve_admin(
     await trio.serve_listeners(handler, listeners)
 
 
-async def _serve_one(app: AdminApp, stream: trio.SocketStream) -> None:
+async def _serve_one(app: Responder, stream: trio.SocketStream) -> None:
     protocol = H11Server(8192)
     head: RequestHead | None = None
     with trio.move_on_after(_READ_TIMEOUT):
@@ -122,7 +135,10 @@ async def _serve_one(app: AdminApp, stream: trio.SocketStream) -> None:
         except (trio.BrokenResourceError, OSError):
             return
         else:
-            status, content_type, body = app.respond(head.method, head.target)
+            answer = app.respond(head.method, head.target)
+            if inspect.isawaitable(answer):
+                answer = await answer
+            status, content_type, body = answer
         headers = [
             (b"content-type", content_type),
             (b"content-length", str(len(body)).encode()),

@@ -603,3 +603,27 @@ def test_flags_of_before_keep_their_meaning(tmp_path: Path) -> None:
     assert (group.breaker.failure_threshold, group.retry.attempts) == (0, 1)
     assert (group.retry.replay_limit, group.preserve_host) == (65536, True)
     assert (server.ws_idle_timeout, server.log_level, server.admin) == (30.0, "warning", None)
+
+
+# --- workers (issue 17) --------------------------------------------------------------
+
+
+def test_workers_from_every_layer(tmp_path: Path) -> None:
+    assert load(tmp_path, "--upstream", "http://a").server.workers == 1
+    name = write(
+        tmp_path,
+        "trioproxy.toml",
+        '[server]\nworkers = 3\n[upstreams.default]\nservers = ["http://a"]\n',
+    )
+    assert load(tmp_path, "--config", name).server.workers == 3
+    assert load(tmp_path, "--config", name, environ={"TRIOPROXY_WORKERS": "2"}).server.workers == 2
+    assert load(tmp_path, "--config", name, "--workers", "4").server.workers == 4
+    auto = load(tmp_path, "--upstream", "http://a", "--workers", "auto").server.workers
+    assert auto == len(os.sched_getaffinity(0))
+
+
+@pytest.mark.parametrize("bad", ["0", "-1", "two", "1.5"])
+def test_workers_must_be_a_positive_count_or_auto(tmp_path: Path, bad: str) -> None:
+    assert errors(tmp_path, "--upstream", "http://a", "--workers", bad) == [
+        f'--workers: must be a whole number >= 1 or "auto", got "{bad}"'
+    ]

@@ -35,6 +35,7 @@ FLAGS = (
     "--max-connections-per-upstream",
     "--pool-timeout",
     "--grace",
+    "--workers",
     "--preserve-host",
     "--upstream-ca",
     "--insecure",

@@ -136,6 +136,7 @@ SERVER = Table(
         "http": v.http_parser,
         "log_level": v.log_level,
         "grace": v.duration,
+        "workers": v.workers,
         "header_timeout": v.positive_duration,
         "body_timeout": v.positive_duration,
         "keepalive_timeout": v.duration,

@@ -137,6 +137,9 @@ class ServerSettings:
     http: str = "auto"
     log_level: str = "info"
     grace: float = 10.0
+    #: Worker processes (``--workers``; see ``trioproxy.server.supervisor``); 1 = this
+    #: process serves, with no supervisor.
+    workers: int = 1
     header_timeout: float = 10.0
     body_timeout: float = 60.0
     keepalive_timeout: float = 75.0

@@ -18,6 +18,7 @@ import ipaddress
 import itertools
 import json
 import math
+import os
 import re
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
@@ -167,6 +168,25 @@ def count(value: object, *, minimum: int = 0) -> int:
 
 def positive_count(value: object) -> int:
     return count(value, minimum=1)
+
+
+def workers(value: object) -> int:
+    """``[server] workers``: a whole number >= 1, or ``"auto"`` = the CPUs this
+    process may run on (``os.sched_getaffinity``, else ``os.cpu_count``)."""
+    if isinstance(value, str) and value.strip().lower() == "auto":
+        return cpus_available()
+    try:
+        return count(value, minimum=1)
+    except Invalid:
+        raise Invalid(f'must be a whole number >= 1 or "auto", got {show(value)}') from None
+
+
+def cpus_available() -> int:
+    """The CPUs this process may run on (what ``workers = "auto"`` takes)."""
+    affinity = getattr(os, "sched_getaffinity", None)
+    if affinity is not None:
+        return max(1, len(affinity(0)))
+    return max(1, os.cpu_count() or 1)
 
 
 def port(value: object) -> int:

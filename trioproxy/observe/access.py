@@ -25,12 +25,21 @@ access_log = logging.getLogger("trioproxy.access")
 
 #: ``text`` or ``json`` (see :func:`set_format`).
 _format = "text"
+#: This process's worker number, when it is one of several (see :func:`set_worker`).
+_worker: int | None = None
 
 
 def set_format(log_format: str) -> None:
     """Write the lines as ``text`` or ``json`` from now on."""
     global _format
     _format = log_format
+
+
+def set_worker(worker: int | None) -> None:
+    """Tag JSON lines with ``"worker": N`` (a text line carries it in the log
+    line's prefix, ``trioproxy.access[worker N]``)."""
+    global _worker
+    _worker = worker
 
 
 def log_exchange(
@@ -97,4 +106,6 @@ def json_line(
         line["output_tokens"] = llm.output_tokens
     if note:
         line["error"] = note
+    if _worker is not None:
+        line["worker"] = _worker
     return json.dumps(line, ensure_ascii=False)

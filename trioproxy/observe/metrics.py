@@ -147,6 +147,8 @@ class Metrics:
             "trioproxy_config_last_reload_success_timestamp_seconds",
             "When the config in use was loaded (Unix time)",
             registry=r,
+            # With workers (trioproxy.observe.fleet): the newest of theirs.
+            multiprocess_mode="max",
         )
         self.last_reload.set(time.time())
         for result in ("success", "failure"):

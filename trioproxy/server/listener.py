@@ -22,6 +22,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import socket
 from collections.abc import Callable, Sequence
 
 import trio
@@ -35,6 +36,7 @@ from trioproxy.edge.tls import CertificateError, TLSTerminator, handshake
 from trioproxy.engine import Engine
 from trioproxy.observe.observer import Observer
 from trioproxy.server.connection import ClientConnection, ServerState, _peer_host
+from trioproxy.server.reuseport import as_listeners, bind_sockets
 from trioproxy.snapshot import build_snapshot
 from trioproxy.sockets import ACCEPT_BATCH, CAPACITY_ERRNOS, FastSocketStream, ReadyAcceptor
 
@@ -58,8 +60,17 @@ class ProxyServer:
         *,
         load: Callable[[], Config] | None = None,
         watch: Sequence[str] = (),
+        reuse_port: bool = False,
+        sockets: Sequence[socket.socket] = (),
     ) -> None:
         self.config = config
+        #: A worker of several (``trioproxy.server.supervisor``): bind with
+        #: ``SO_REUSEPORT`` (``reuse_port``), or serve the listening ``sockets``
+        #: the supervisor made and this process inherited.
+        self._reuse_port = reuse_port
+        self._inherited = list(sockets)
+        #: Where the admin listener is, once ``run`` has started it.
+        self.admin_addresses: list[tuple[str, int]] = []
         self._load = load
         self._watch = tuple(watch)
         self._reloading = trio.Lock()
@@ -98,9 +109,20 @@ class ProxyServer:
         """
         if self._listeners is None:
             server = self.config.server
-            self._listeners = await trio.open_tcp_listeners(server.port, host=server.host)
             redirect = server.tls.redirect_http if server.tls is not None else None
-            if redirect is not None:
+            if self._inherited:
+                self._listeners = as_listeners(self._inherited)
+            elif self._reuse_port:
+                self._listeners = as_listeners(
+                    bind_sockets(server.host, server.port, reuse_port=True)
+                )
+            else:
+                self._listeners = await trio.open_tcp_listeners(server.port, host=server.host)
+            if redirect is not None and self._reuse_port:
+                self._redirect_listeners = as_listeners(
+                    bind_sockets(redirect.host or server.host, redirect.port, reuse_port=True)
+                )
+            elif redirect is not None:
                 self._redirect_listeners = await trio.open_tcp_listeners(
                     redirect.port, host=redirect.host or server.host
                 )
@@ -150,6 +172,7 @@ class ProxyServer:
                         server.admin.host,
                         server.admin.port,
                     )
+                    self.admin_addresses = admin
                     log.info("admin listening on %s", format_url(admin[0]))
                 async with trio.open_nursery() as handlers:
                     # Opened before "listening on" is reported (a process measured from
