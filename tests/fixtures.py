@@ -390,27 +390,29 @@ async def run_asgi_proxy(
             given = Path(args[args.index("--config") + 1])
             config = given.with_name(f".asgi-{given.name}")
         config.write_text(cli_args_as_toml(args))
-        command = [
-            sys.executable,
-            "-m",
-            "hypercorn",
-            "--worker-class",
-            "trio",
-            "--bind",
-            "127.0.0.1:0",
-            "--error-logfile",
-            "/dev/stdout",
-            # Serve in this process (no worker child): its pid is the one whose
-            # descriptors and memory the tests read, and SIGTERM reaches it.
-            "--workers",
-            "0",
-            *hypercorn_args,
-            "trioproxy.asgi:app",
-        ]
+        # Served in this process (no worker child): its pid is the one whose
+        # descriptors and memory the tests read, and SIGTERM reaches it.
+        command = hypercorn_command("trioproxy.asgi:app", *hypercorn_args)
         full_env = {"TRIOPROXY_CONFIG": str(config), **(env or {})}
         # The working directory has no .env: only the file and env say anything.
         async with run_listening_process(command, env=full_env, cwd=Path(tmp)) as proxy:
             yield proxy
+
+
+def hypercorn_command(
+    app: str, *options: str, workers: bool = False, runner: tuple[str, ...] = ("-m",)
+) -> list[str]:
+    """``python -m hypercorn --worker-class trio`` serving ``app`` on a free port of
+    127.0.0.1, its log on stdout (where :func:`run_listening_process` reads its
+    "Running on" line). ``workers=False`` serves in the process itself (``--workers
+    0``: its pid is the serving one); ``runner`` replaces ``-m`` (a script that runs a
+    module). ``options`` go before ``app``."""
+    command = [sys.executable, *runner, "hypercorn", "--worker-class", "trio"]
+    if not workers:
+        command += ["--workers", "0"]
+    return [
+        *command, "--bind", "127.0.0.1:0", "--error-logfile", "/dev/stdout", *options, app
+    ]  # fmt: skip
 
 
 @asynccontextmanager

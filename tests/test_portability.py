@@ -9,7 +9,7 @@ from pathlib import Path
 
 import httpx
 import trio
-from fixtures import REPO_ROOT, run_listening_process, serve_asgi
+from fixtures import REPO_ROOT, hypercorn_command, run_listening_process, serve_asgi
 from upstream_app import app as upstream_app
 from upstream_app import pattern_sha256
 
@@ -56,20 +56,7 @@ async def test_asgi_app_runs_without_epoll_or_poll(nursery: trio.Nursery, tmp_pa
     """``trioproxy.asgi:app`` under hypercorn's trio worker (in this process:
     ``--workers 0``) with epoll and poll hidden from trioproxy."""
     upstream = await serve_asgi(upstream_app, nursery)
-    command = [
-        sys.executable,
-        WITHOUT_EPOLL,
-        "hypercorn",
-        "--worker-class",
-        "trio",
-        "--workers",
-        "0",
-        "--bind",
-        "127.0.0.1:0",
-        "--error-logfile",
-        "/dev/stdout",
-        "trioproxy.asgi:app",
-    ]
+    command = hypercorn_command("trioproxy.asgi:app", runner=(WITHOUT_EPOLL,))
     config = tmp_path / "trioproxy.toml"
     config.write_text(f'[upstreams.default]\nservers = ["{upstream}"]\nhealth = false\n')
     env = {"TRIOPROXY_CONFIG": str(config)}

@@ -23,7 +23,7 @@ import pytest
 import trio
 import trustme
 import upstream_app
-from fixtures import REPO_ROOT, run_asgi_proxy, run_listening_process, serve_asgi
+from fixtures import REPO_ROOT, hypercorn_command, run_asgi_proxy, run_listening_process, serve_asgi
 from upstream_app import pattern_sha256
 from websockets.exceptions import InvalidStatus
 from websockets.sync.client import connect as sync_connect
@@ -151,20 +151,7 @@ async def test_fastapi_gateway_balances_survives_a_dead_upstream_streams_and_ech
     killed = trio.Event()
     first = await serve_asgi(upstream_app.app, nursery)
     second = await serve_asgi(upstream_app.app, nursery, shutdown_trigger=killed.wait)
-    command = [
-        sys.executable,
-        "-m",
-        "hypercorn",
-        "--worker-class",
-        "trio",
-        "--workers",
-        "0",
-        "--bind",
-        "127.0.0.1:0",
-        "--error-logfile",
-        "/dev/stdout",
-        f"{GATEWAY.stem}:app",
-    ]
+    command = hypercorn_command(f"{GATEWAY.stem}:app")
     env = {"GATEWAY_UPSTREAMS": f"{first},{second}", "GATEWAY_PING_INTERVAL": "0.5"}
     with trio.fail_after(45):
         async with (
@@ -231,20 +218,7 @@ async def test_proxy_pass_failures_are_502_504_503(nursery: trio.Nursery, case: 
     answers the handshake with the same statuses (hypercorn's
     ``websocket.http.response``)."""
     app_file = REPO_ROOT / "tests" / "e2e" / "proxy_pass_app.py"
-    command = [
-        sys.executable,
-        "-m",
-        "hypercorn",
-        "--worker-class",
-        "trio",
-        "--workers",
-        "0",
-        "--bind",
-        "127.0.0.1:0",
-        "--error-logfile",
-        "/dev/stdout",
-        "proxy_pass_app:app",
-    ]
+    command = hypercorn_command("proxy_pass_app:app")
     slow = await serve_asgi(upstream_app.app, nursery)
     with trio.socket.socket() as sock:
         await sock.bind(("127.0.0.1", 0))
@@ -290,20 +264,7 @@ async def test_sigterm_lets_a_request_in_flight_finish_then_the_lifespan_drains(
     lifespan then drains and closes the engine, and the process exits 0."""
     config = tmp_path / "trioproxy.toml"
     config.write_text(f'[upstreams.default]\nservers = ["{upstream}"]\nhealth = false\n')
-    command = [
-        sys.executable,
-        "-m",
-        "hypercorn",
-        "--worker-class",
-        "trio",
-        "--bind",
-        "127.0.0.1:0",
-        "--error-logfile",
-        "/dev/stdout",
-        "--graceful-timeout",
-        "5",
-        "trioproxy.asgi:app",
-    ]
+    command = hypercorn_command("trioproxy.asgi:app", "--graceful-timeout", "5", workers=True)
     with trio.fail_after(30):
         async with (
             run_listening_process(

@@ -7,12 +7,11 @@ The example is kept here as its README prints it; the test swaps the import line
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import httpx
 import trio
-from fixtures import run_listening_process
+from fixtures import hypercorn_command, run_listening_process
 
 README_QUICK_START = '''
 from fastapi import FastAPI, Request, WebSocket
@@ -46,20 +45,7 @@ async def test_readme_quick_start_runs_with_only_the_import_changed(
     ).replace("http://127.0.0.1:8080", upstream)
     assert source.count("\n") == README_QUICK_START.count("\n")
     (tmp_path / "readme_app.py").write_text(source)
-    command = [
-        sys.executable,
-        "-m",
-        "hypercorn",
-        "--worker-class",
-        "trio",
-        "--workers",
-        "0",
-        "--bind",
-        "127.0.0.1:0",
-        "--error-logfile",
-        "/dev/stdout",
-        "readme_app:app",
-    ]
+    command = hypercorn_command("readme_app:app")
     with trio.fail_after(30):
         async with (
             run_listening_process(command, cwd=tmp_path) as app,
