@@ -391,6 +391,8 @@ _TLS_COMPARED = (*_GET, ("cpu_us", False))
 #: hypercorn's trio worker, against fastapi-reverse-proxy on uvicorn (and the standalone
 #: server, for what the ASGI server costs).
 _ASGI = frozenset({"trioproxy", "trioproxy-asgi", "fastapi-trioproxy", "fastapi-reverse-proxy"})
+#: The LLM meter's scenarios: its cost (on / off) and a change to it (/ baseline).
+_LLM = frozenset({"direct", "trioproxy", "trioproxy-nometrics", "trioproxy-baseline"})
 _ASGI_H2 = frozenset({"trioproxy-asgi", "fastapi-trioproxy"})
 
 SCENARIOS: dict[str, Scenario] = {
@@ -463,13 +465,13 @@ SCENARIOS: dict[str, Scenario] = {
         SseScenario(
             "sse-llm-1000", "LLM token streams (OpenAI chunks), 1000 streams", "sse",
             "events_s", "events/s", (("p99_ms", False), ("cpu_us_event", False)),
-            contenders=frozenset({"direct", "trioproxy", "trioproxy-nometrics"}),
+            contenders=_LLM,
             streams=1000, openai=True,
         ),
         SseScenario(
             "sse-llm-100", "LLM token streams (OpenAI chunks), 100 streams", "sse",
             "events_s", "events/s", (("p99_ms", False), ("cpu_us_event", False)),
-            contenders=frozenset({"direct", "trioproxy", "trioproxy-nometrics"}),
+            contenders=_LLM,
             streams=100, openai=True,
         ),
     )

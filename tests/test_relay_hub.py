@@ -2,13 +2,14 @@
 end-to-end tests cannot provoke. A failure while relaying one stream (even a bug, here a
 framing function that raises) ends that stream alone; a cancelled waiter unregisters its
 stream before its sockets close; a hub that stops ends the streams it held instead of
-leaving their tasks waiting.
+leaving their tasks waiting. A sink's meter reads each write's chunks, with the hub's
+time, before they are framed.
 """
 
 from __future__ import annotations
 
 import socket
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
 import attrs
@@ -50,9 +51,15 @@ class Exchange:
             sock.close()
 
 
-def exchange(parser: str, *, broken_framing: bool = False) -> Exchange:
+def exchange(
+    parser: str,
+    *,
+    broken_framing: bool = False,
+    meter: Callable[[list[bytes], bool, float], list[bytes]] | None = None,
+) -> Exchange:
     """A stream whose response head was read and answered: ready for the hub. With
-    ``broken_framing``, its framing function raises (as a bug would)."""
+    ``broken_framing``, its framing function raises (as a bug would); ``meter`` goes
+    on its sink."""
     up_near, up_far = tcp_pair()
     client_near, client_far = tcp_pair()
     upstream_protocol = client_factory(parser)(65536)
@@ -74,7 +81,7 @@ def exchange(parser: str, *, broken_framing: bool = False) -> Exchange:
             parts.append(server_protocol.send_end())
         return b"".join(parts)
 
-    sink = ClientSink(client_near, frame, server_protocol.send_failed)
+    sink = ClientSink(client_near, frame, server_protocol.send_failed, meter)
     stream = HubStream(
         up_near, upstream_protocol, sink, origin="test", last_progress=trio.current_time()
     )
@@ -171,6 +178,38 @@ async def test_a_stopping_hub_ends_the_streams_it_held(parser: str) -> None:
             with pytest.raises(UpstreamBrokenMidBody, match="hub stopped"):
                 await hub.relay(ex.stream, 10)
         assert not hub.running
+    finally:
+        ex.close()
+
+
+async def test_the_meter_reads_each_write_with_the_hub_time_before_framing(parser: str) -> None:
+    seen: list[tuple[list[bytes], bool, float]] = []
+
+    def meter(chunks: list[bytes], end: bool, now: float) -> list[bytes]:
+        seen.append((list(chunks), end, now))
+        return [chunk for chunk in chunks if chunk != b"cut"]  # a meter may cut some out
+
+    ex = exchange(parser, meter=meter)
+    try:
+        async with running_hub() as (hub, nursery):
+            nursery.start_soon(hub.relay, ex.stream, 10)
+            await trio.sleep(0.05)
+            before = trio.current_time()
+            ex.upstream.send(b"5\r\nhello\r\n")
+            assert (await receive_until(ex.client, b"hello")) == b"5\r\nhello\r\n"
+            ex.upstream.send(b"3\r\ncut\r\n")
+            await trio.sleep(0.05)
+            ex.upstream.send(b"3\r\nbye\r\n0\r\n\r\n")
+            received = await receive_until(ex.client, b"0\r\n\r\n")
+            assert received == b"3\r\nbye\r\n0\r\n\r\n"  # "cut" never reached it
+            after = trio.current_time()
+        assert [(chunks, end) for chunks, end, _ in seen] == [
+            ([b"hello"], False),
+            ([b"cut"], False),
+            ([b"bye"], True),
+        ]
+        times = [now for _, _, now in seen]
+        assert before <= times[0] <= times[1] <= times[2] <= after
     finally:
         ex.close()
 

@@ -85,11 +85,16 @@ class ClientSink:
         frame: the bytes to write for body ``chunks`` and, if the flag is set, the
             end of the message (the server protocol's framing; no I/O).
         failed: tells the server protocol that a write was cut short.
+        meter: reads the body ``chunks`` of each write before they are framed, with
+            the end flag and the hub's time (that of the ``epoll`` poll that found
+            them), and returns the chunks to frame: the same list unless it cuts
+            something out (the LLM meter). None: nothing reads them.
     """
 
     sock: socket.socket
     frame: Callable[[list[bytes], bool], bytes]
     failed: Callable[[], None]
+    meter: Callable[[list[bytes], bool, float], list[bytes]] | None = None
 
 
 class HubStream:
@@ -333,7 +338,10 @@ class StreamHub:
             stream.ended = True
             self._stop_reading(stream)
         if chunks or end:
-            out = stream.sink.frame(chunks, end)
+            sink = stream.sink
+            if sink.meter is not None:
+                chunks = sink.meter(chunks, end, self._now)
+            out = sink.frame(chunks, end)
             if out:
                 self._write(stream, out)
                 if stream.pending:

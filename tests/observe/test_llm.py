@@ -137,3 +137,81 @@ def test_keys_inside_string_values_are_not_content() -> None:
     assert meter.content_events == 0
     meter.feed(event({"choices": [{"delta": {"content": " spaced"}}]}), 0.0)
     assert meter.content_events == 1
+
+
+def compact(document: dict[str, Any]) -> bytes:
+    """An event as servers write it: one compact ``data:`` line, then the blank line."""
+    return b"data: " + json.dumps(document, separators=(",", ":")).encode() + b"\n\n"
+
+
+def chunk(delta: dict[str, Any], **extra: Any) -> dict[str, Any]:
+    return {"object": "chat.completion.chunk", "choices": [{"index": 0, "delta": delta}], **extra}
+
+
+#: Chunks of every shape the meter tells apart, compact and spaced: whole events one
+#: per write take ``relay``'s quick path, anything else the line reader.
+SHAPES: list[bytes] = [
+    compact(chunk({"role": "assistant", "content": ""})),
+    compact(chunk({"content": "Hel"})),
+    event(chunk({"content": "lo"})),
+    compact(chunk({"content": "!"}, usage=None)),
+    compact(chunk({"content": ""}, usage=None)),
+    compact(chunk({"content": "", "reasoning_content": "thinking"})),
+    compact(chunk({"content": None, "reasoning_content": "more"})),
+    compact(chunk({"tool_calls": [{"index": 0, "id": "call_1"}]})),
+    compact(chunk({"content": 'say "content":"x"'})),
+    compact({"choices": [{"index": 0, "text": "completion"}]}),
+    compact(chunk({}, finish_reason="stop")),
+    b": keep-alive\n\n",
+    b"data:" + compact(chunk({"content": "no space"}))[6:],
+    compact(chunk({"content": "crlf"}))[:-2] + b"\r\n\r\n",
+    compact(chunk({"content": "a"})) + compact(chunk({"content": "b"})),
+    compact(chunk({"content": "with usage"}, usage={"prompt_tokens": 4, "completion_tokens": 1})),
+    compact({"choices": [], "usage": {"prompt_tokens": 4, "completion_tokens": 9}}),
+    DONE,
+]
+
+
+def read(meter: SseMeter) -> tuple[object, ...]:
+    usage = meter.usage
+    return (
+        meter.content_events,
+        (usage.input_tokens, usage.output_tokens) if usage is not None else None,
+        meter.done,
+        meter.first_content_at,
+        meter.last_content_at,
+    )
+
+
+def test_relay_reads_whole_events_as_the_line_reader_does() -> None:
+    quick = SseMeter()
+    for i, data in enumerate(SHAPES):
+        chunks = [data]
+        assert quick.relay(chunks, False, float(i)) is chunks  # sent on as they came
+    lines = SseMeter()
+    for i, data in enumerate(SHAPES):
+        for byte in data:  # one byte at a time: never one whole event
+            lines.relay([bytes([byte])], False, float(i))
+    assert read(quick) == read(lines)
+    # Content: Hel, lo, !, thinking, more, the tool call, the quoted key, the
+    # completion, no space, crlf, a, b, with usage.
+    assert read(quick) == (13, (4, 9), True, 1.0, 15.0)
+
+
+def test_relay_after_a_partial_line_reads_the_rest_as_lines() -> None:
+    meter = SseMeter()
+    first, second = compact(chunk({"content": "x"})), compact(chunk({"content": "y"}))
+    meter.relay([first[:9]], False, 0.0)
+    meter.relay([first[9:] + second[:4]], False, 1.0)
+    meter.relay([second[4:]], False, 2.0)
+    meter.relay([compact(chunk({"content": "z"}))], False, 3.0)
+    assert read(meter) == (3, None, False, 1.0, 3.0)
+
+
+def test_relay_hides_the_usage_chunk_when_told() -> None:
+    meter = SseMeter(hide_usage=True)
+    usage = compact({"choices": [], "usage": {"prompt_tokens": 2, "completion_tokens": 1}})
+    token_event = compact(chunk({"content": "x"}))
+    assert meter.relay([token_event, usage[:10]], False, 0.0) == [token_event]
+    assert meter.relay([usage[10:], DONE], True, 1.0) == [DONE]
+    assert read(meter) == (1, (2, 1), True, 0.0, 0.0)

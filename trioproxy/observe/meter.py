@@ -3,11 +3,11 @@
 :class:`LlmMeter` wraps the exchange's downstream (the front end's body source
 and response sink). Every path a response takes goes through it: the engine's
 one-write fast path and its per-task relay call ``send_parts``, and the stream
-hub frames each chunk it relays with the sink's ``frame`` (which this wraps in
-``hub_sink``). So the meter is written once, and sees each chunk as it is
-handed to the client, with no copy kept and no byte delayed (bar the one case
-described in :mod:`trioproxy.observe.llm`: hiding a usage chunk the client did
-not ask for).
+hub hands each write's chunks to the ``meter`` of the sink ``hub_sink`` gives it
+(the SSE parser's own ``relay``, with the hub's time) before it frames them. So
+the meter is written once, and sees each chunk as it is handed to the client,
+with no copy kept and no byte delayed (bar the one case described in
+:mod:`trioproxy.observe.llm`: hiding a usage chunk the client did not ask for).
 
 The request: with ``include_usage = "pass"`` its body is read as it goes
 upstream (up to ``MAX_JSON`` kept, for ``model`` and ``stream``). With
@@ -71,6 +71,8 @@ class LlmMeter:
         self.json: JsonMeter | None = None
         self.client_addr = ""
         self.scheme = "http"
+        #: The response head went through ``send_parts`` (the parser is chosen).
+        self._replied = False
 
     # --- the request ----------------------------------------------------------------
 
@@ -152,19 +154,29 @@ class LlmMeter:
         assert self._inner is not None
         if head is not None:
             head = self.response_head(head)
+            self._replied = True
         await self._inner.send_parts(head, self.body(chunks, end), end)
 
     def hub_sink(self) -> ClientSink | None:
+        """The front end's sink for the stream hub, with the meter's reader on it.
+
+        Asked for after the response head went through :meth:`send_parts`, so the
+        reader is known: the hub calls the SSE parser itself, with its own time (no
+        layer of ours and no clock read per event).
+        """
         assert self._inner is not None
+        assert self._replied, "the hub's sink is asked for after the response head"
         sink = self._inner.hub_sink()
         if sink is None:
             return None
-        frame = sink.frame
-
-        def metered_frame(chunks: list[bytes], end: bool) -> bytes:
-            return frame(self.body(chunks, end), end)
-
-        return ClientSink(sink.sock, metered_frame, sink.failed)
+        assert sink.meter is None, "one meter per sink"
+        if self.sse is not None:
+            meter = self.sse.relay
+        elif self.json is not None:
+            meter = self._read_json
+        else:
+            return sink  # no reply to read (an error answer)
+        return ClientSink(sink.sock, sink.frame, sink.failed, meter)
 
     # --- the response, as it passes ----------------------------------------------------
 
@@ -184,20 +196,16 @@ class LlmMeter:
     def body(self, chunks: list[bytes], end: bool) -> list[bytes]:
         """The chunks to send for ``chunks`` (the same list unless a usage chunk is
         hidden); each is read on the way."""
-        sse = self.sse
-        if sse is not None:
-            now = self._now()
-            if sse.hide_usage:
-                out = [data for chunk in chunks if (data := sse.feed(chunk, now))]
-                if end and (held := sse.end()):
-                    out.append(held)
-                return out
-            for chunk in chunks:
-                sse.feed(chunk, now)
-            return chunks
+        if self.sse is not None:
+            return self.sse.relay(chunks, end, self._now())
         if self.json is not None:
-            for chunk in chunks:
-                self.json.feed(chunk)
-            if end:
-                self.json.end()
+            return self._read_json(chunks, end, 0.0)
+        return chunks
+
+    def _read_json(self, chunks: list[bytes], end: bool, now: float) -> list[bytes]:
+        assert self.json is not None
+        for chunk in chunks:
+            self.json.feed(chunk)
+        if end:
+            self.json.end()
         return chunks
