@@ -951,10 +951,7 @@ class Engine:
         end: bool,
     ) -> None:
         """Send the head with what of the body came with it, then one write per read:
-        nothing waits for more data before it is sent. A body of known length is
-        read in reads sized by what is left of it (up to ``MAX_BODY_READ``), which
-        return what the socket holds: a download takes fewer, larger steps, and
-        each step through an ASGI server costs the same whatever its size.
+        nothing waits for more data before it is sent.
 
         The read timeout is one cancel scope for the whole body whose deadline
         trails the last read or write by between ``read_timeout`` and
@@ -978,21 +975,13 @@ class Engine:
         hub = self.hub
         sink: ClientSink | None = None
         upstream_stream = conn.stream
-        length = get_first(head.headers, b"content-length")
         if (
             hub is not None
             and hub.running
             and type(upstream_stream) is FastSocketStream
-            and length is None
+            and get_first(head.headers, b"content-length") is None
         ):
             sink = downstream.hub_sink()
-        # What is left of a body of known length sizes each read: a download moves
-        # in fewer, larger steps (0: not known, the connection's ramp sizes reads).
-        left = 0
-        if length is not None and length.isdigit():
-            left = int(length)
-            for chunk in chunks:
-                left -= len(chunk)
         timeout = read_timeout
         slack = timeout / 16
         deadline = self.current_time() + timeout
@@ -1002,7 +991,7 @@ class Engine:
             with reading:
                 while not end:
                     if sink is None:
-                        event = await conn.next_event(None, left)
+                        event = await conn.next_event(None)
                     elif (ready := conn.next_event_nowait()) is NEED_DATA:
                         break  # the upstream paces this body: a stream, for the hub
                     else:
@@ -1011,8 +1000,6 @@ class Engine:
                         record.bytes_out += len(event.data)
                         chunks, end = _parsed_body(conn, record)
                         chunks.insert(0, event.data)
-                        for chunk in chunks:
-                            left -= len(chunk)
                     elif type(event) is EndOfMessage:
                         chunks, end = [], True
                     else:

@@ -31,12 +31,6 @@ READ_SIZE = 65536
 #: messages never pay for a big buffer. (256 KiB measured no better within the
 #: noise here, and grew RSS more across aborted downloads.)
 MAX_READ_SIZE = 131072
-#: The largest read for a body whose length is known (``Content-Length``): what is
-#: left of it, up to this. Such a body needs no ramp: a read is never larger than
-#: what the upstream said it will send, and returns what the socket holds. A 1 MiB
-#: body then takes 2-3 reads instead of 6-10, each one step of the relay (a body
-#: message through an ASGI server costs the same whatever its size).
-MAX_BODY_READ = 1048576
 
 #: Opens the byte stream to an origin (TLS is layered on top by the caller).
 Connector = Callable[[Origin], Awaitable[trio.abc.Stream]]
@@ -95,13 +89,11 @@ class UpstreamConnection:
                 raise UpstreamClosed(f"writing to {self.origin}: {exc!r}") from None
             raise
 
-    async def next_event(self, read_timeout: float | None, body_left: int = 0) -> Event:
+    async def next_event(self, read_timeout: float | None) -> Event:
         """The next response event, reading with an idle timeout between reads.
 
         ``read_timeout=None`` leaves the timing to a cancel scope of the caller's
-        (one scope instead of two nested ones on the hot path). ``body_left``: the
-        bytes of a body of known length still to come (0: not known), which sizes
-        the read (up to ``MAX_BODY_READ``) instead of the ramp.
+        (one scope instead of two nested ones on the hot path).
 
         Raises:
             UpstreamTimeout: nothing arrived for ``read_timeout`` seconds.
@@ -113,10 +105,10 @@ class UpstreamConnection:
             event = protocol.next_event()
             if event is NEED_DATA:
                 if read_timeout is None:
-                    await self._receive_into(protocol, body_left)
+                    await self._receive_into(protocol)
                     continue
                 with trio.move_on_after(read_timeout):
-                    await self._receive_into(protocol, body_left)
+                    await self._receive_into(protocol)
                     continue
                 raise UpstreamTimeout(f"{self.origin}: no data for {read_timeout} s")
             return event  # type: ignore[return-value]
@@ -136,27 +128,20 @@ class UpstreamConnection:
             except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
                 raise UpstreamClosed(f"reading from {self.origin}: {exc!r}") from None
             if data is not None:
-                self._took(data, protocol, self._read_size)
+                self._took(data, protocol)
                 event = protocol.next_event()
         return event
 
-    async def _receive_into(self, protocol: ClientProtocol, body_left: int = 0) -> None:
-        size = self._read_size
-        if body_left > size:
-            size = body_left if body_left < MAX_BODY_READ else MAX_BODY_READ
+    async def _receive_into(self, protocol: ClientProtocol) -> None:
         try:
-            data = await self.stream.receive_some(size)
+            data = await self.stream.receive_some(self._read_size)
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
             raise UpstreamClosed(f"reading from {self.origin}: {exc!r}") from None
-        self._took(data, protocol, size)
+        self._took(data, protocol)
 
-    def _took(self, data: bytes | bytearray, protocol: ClientProtocol, size: int) -> None:
-        # The ramp: a read it sized that came back full doubles the next one; one
-        # that did not resets it. After a read sized by a known body length, what
-        # comes next is the end of that body or the next response's head: reset.
-        if size != self._read_size:
-            self._read_size = READ_SIZE
-        elif len(data) == size:
+    def _took(self, data: bytes | bytearray, protocol: ClientProtocol) -> None:
+        size = self._read_size
+        if len(data) == size:
             if size < MAX_READ_SIZE:
                 self._read_size = size * 2
         elif size > READ_SIZE:
