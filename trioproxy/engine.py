@@ -625,6 +625,14 @@ class Engine:
         group = route.group
         assert group is not None
         editor = route.request_editor
+        edit = None
+        if editor is not None:
+            values = record.values
+            if values is None and editor.placeholders:  # only values the engine has
+                client_ip = record.client_ip or downstream.client_addr
+                edit = editor.edit_known(record.request_id, client_ip.encode("latin-1"), b"", b"")
+            else:
+                edit = editor.edit(values)
         return upstream_request_headers(
             request.headers,
             client_addr=downstream.client_addr,
@@ -634,19 +642,8 @@ class Engine:
             request_id=record.request_id,
             via=via_entry(request.http_version),
             x_forwarded=route.x_forwarded,
-            edit=None if editor is None else self._request_edit(editor, downstream, record),
+            edit=edit,
         )
-
-    @staticmethod
-    def _request_edit(
-        editor: FieldEditor, downstream: Downstream | WebSocketDownstream, record: ExchangeLog
-    ) -> FieldEdit:
-        """The route's request header rules with this exchange's values."""
-        values = record.values
-        if values is None and editor.placeholders:  # only values the engine has
-            client_ip = record.client_ip or downstream.client_addr
-            return editor.edit_known(record.request_id, client_ip.encode("latin-1"), b"", b"")
-        return editor.edit(values)
 
     async def _attempt(
         self,
