@@ -473,7 +473,8 @@ def test_the_split_walk_answers_as_a_walk_of_every_route(seed: int) -> None:
 
     rng = random.Random(seed)
     segments = ("a", "b", "ab", "")
-    methods = (b"GET", b"POST")
+    # A method no route names, and one in another case, walk the routes without methods.
+    methods = (b"GET", b"POST", b"PUT", b"DELETE", b"get")
 
     def some_path() -> str:
         return "/" + "/".join(rng.choice(segments) for _ in range(rng.randint(0, 3)))
@@ -488,11 +489,12 @@ def test_the_split_walk_answers_as_a_walk_of_every_route(seed: int) -> None:
         elif kind is not None:
             match[kind] = some_path() + rng.choice(("", "", "/"))
         if rng.random() < 0.3:
-            match["methods"] = (rng.choice(("GET", "POST")),)
+            match["methods"] = tuple(rng.sample(("GET", "POST", "PUT", "get"), rng.randint(1, 2)))
         if rng.random() < 0.2:
             match["headers"] = (("x-beta", "1"),)
         candidate = route(f"r{i}", priority=rng.choice((0, 0, 1)), **match)
-        key = (candidate.priority, tuple(sorted(match.items())))
+        same = {**match, "methods": sorted({m.upper() for m in match.get("methods", ())})}
+        key = (candidate.priority, repr(sorted(same.items())))
         if key not in keys:  # the same match twice is a config error
             keys.add(key)
             routes.append(candidate)

@@ -625,6 +625,14 @@ class Engine:
         group = route.group
         assert group is not None
         editor = route.request_editor
+        edit = None
+        if editor is not None:
+            values = record.values
+            if values is None and editor.placeholders:  # only values the engine has
+                client_ip = record.client_ip or downstream.client_addr
+                edit = editor.edit_known(record.request_id, client_ip.encode("latin-1"), b"", b"")
+            else:
+                edit = editor.edit(values)
         return upstream_request_headers(
             request.headers,
             client_addr=downstream.client_addr,
@@ -634,7 +642,7 @@ class Engine:
             request_id=record.request_id,
             via=via_entry(request.http_version),
             x_forwarded=route.x_forwarded,
-            edit=None if editor is None else editor.edit(record.values),
+            edit=edit,
         )
 
     async def _attempt(
@@ -906,8 +914,17 @@ class Engine:
         """The route's response header rules with this exchange's values (CORS
         fields come after them)."""
         values = record.values
+        needed = editor.placeholders
+        if values is None and needed:  # only values the engine has
+            return editor.edit_known(
+                record.request_id,
+                b"",  # {client_ip} on responses: the route makes values
+                record.upstream.encode("latin-1") if "server" in needed else b"",
+                format_process_time(record.head_at - record.started)
+                if "process_time" in needed
+                else b"",
+            )
         if values is not None:
-            needed = editor.placeholders
             if "server" in needed:
                 values.server = record.upstream.encode("latin-1")
             if "process_time" in needed:
@@ -924,9 +941,10 @@ class Engine:
         headers = request.headers
         if route.cors is not None:
             record.origin = get_first(headers, b"origin")
-        record.values = route.template_values(
-            request, record.client_ip or client_addr, record.request_id
-        )
+        if route.values_from_request:
+            record.values = route.template_values(
+                request, record.client_ip or client_addr, record.request_id
+            )
         if route.rewrite is None:
             return request
         target, prefix = route.rewrite.apply(request.target)

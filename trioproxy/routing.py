@@ -39,14 +39,17 @@ config error naming both.
 
 Cost. The order is settled when the router is built: one candidate list per
 configured exact host, per wildcard and for "no host", each already sorted,
-and each split by the first path segment (``users`` in ``/users/7``): an exact
+each split by method (a route with ``methods`` is in the lists of its methods
+only, and its methods need no check there; a method no route names gets the
+routes without ``methods``), and each of those by the first path segment
+(``users`` in ``/users/7``): an exact
 path or a prefix can only match a path with its own first segment, so a
 request walks only the candidates of its segment, plus the regexes and the
 routes without a path condition, in the same order. A match reads ``Host``
 once (only when some route has a host condition) and finds its list with one
 dict lookup (plus one per dot of the host for wildcards; the answer is kept
 per ``Host`` value, up to ``_HOST_CACHE_SIZE`` of them), then one lookup for
-the segment, and walks that list until the first entry whose path and
+the method and one for the segment, and walks that list until the first entry whose path and
 conditions hold; in the list of its own segment, a prefix of that one whole
 segment (``/users``) needs no comparison. A single route with no condition, or
 any router whose first candidate is always such a route, answers without
@@ -140,6 +143,33 @@ class _Candidates(Generic[P]):
             ]
             for segment in segments
         }
+
+
+class _ByMethod(Generic[P]):
+    """One sorted candidate list, split by method, then by first path segment.
+
+    A route with ``methods`` is a candidate only in the splits of its methods,
+    where its methods need no check (they are None there); a method no route
+    names walks the routes without ``methods``. Each split keeps the list's order.
+    """
+
+    __slots__ = ("all", "by_method", "other_methods")
+
+    def __init__(self, candidates: list[_Candidate[P]]) -> None:
+        self.all = candidates
+        named = sorted({m for c in candidates if c[4] is not None for m in c[4]})
+        self.by_method = {
+            method: _Candidates(
+                [_no_methods(c) for c in candidates if c[4] is None or method in c[4]]
+            )
+            for method in named
+        }
+        self.other_methods = _Candidates([c for c in candidates if c[4] is None])
+
+
+def _no_methods(candidate: _Candidate[P]) -> _Candidate[P]:
+    kind, path, slashed, search, _, conditions, payload = candidate
+    return (kind, path, slashed, search, None, conditions, payload)
 
 
 def _matched(candidate: _Candidate[P], segment: bytes) -> _Candidate[P]:
@@ -371,20 +401,20 @@ class Router(Generic[P]):
         def wildcards_of(host: str) -> list[_Entry[P]]:
             return [e for suffix, es in wildcard.items() if host.endswith(suffix) for e in es]
 
-        self._default = _Candidates(_sorted(anywhere))
-        self._by_host: dict[bytes, _Candidates[P]] = {
-            host.encode(): _Candidates(_sorted(es + wildcards_of(host) + anywhere))
+        self._default = _ByMethod(_sorted(anywhere))
+        self._by_host: dict[bytes, _ByMethod[P]] = {
+            host.encode(): _ByMethod(_sorted(es + wildcards_of(host) + anywhere))
             for host, es in exact.items()
         }
         # A host's matching wildcards are all suffixes of its longest one, so
         # the longest one found names the whole list.
-        self._by_wildcard: dict[bytes, _Candidates[P]] = {
-            suffix.encode(): _Candidates(_sorted(wildcards_of(suffix) + anywhere))
+        self._by_wildcard: dict[bytes, _ByMethod[P]] = {
+            suffix.encode(): _ByMethod(_sorted(wildcards_of(suffix) + anywhere))
             for suffix in wildcard
         }
         self._uses_host = bool(exact or wildcard)
         #: Raw ``Host`` value -> its candidates (see _HOST_CACHE_SIZE).
-        self._for_host_value: dict[bytes, _Candidates[P]] = {}
+        self._for_host_value: dict[bytes, _ByMethod[P]] = {}
         self._always: tuple[P] | None = self._first_whatever_asked()
 
     def _first_whatever_asked(self) -> tuple[P] | None:
@@ -417,14 +447,16 @@ class Router(Generic[P]):
                         found = self._candidates_for_host(host)
                     candidates = found
                     break
+        split = candidates.by_method.get(method, candidates.other_methods)
         path = target.partition(b"?")[0]
         # The path's split: [b"", segment, ...] when it starts with "/" (one C call).
         parts = path.split(b"/", 2)
         if parts[0] or len(parts) == 1:
-            walk = candidates.all  # "*": only a regex or a route without path may match
+            walk = split.all  # "*": only a regex or a route without path may match
         else:
-            walk = candidates.by_segment.get(parts[1], candidates.others)
-        for kind, exact, slashed, search, methods, conditions, payload in walk:
+            walk = split.by_segment.get(parts[1], split.others)
+        # Methods were checked by the split (every entry's ``methods`` is None).
+        for kind, exact, slashed, search, _, conditions, payload in walk:
             if kind == _ANY:
                 pass  # no path condition, or one every path of this walk meets
             elif kind == _EXACT:
@@ -434,8 +466,6 @@ class Router(Generic[P]):
                 if not path.startswith(slashed) and path != exact:
                     continue
             elif search(path) is None:  # _REGEX
-                continue
-            if methods is not None and method not in methods:
                 continue
             if conditions is not None:
                 for condition in conditions:
@@ -447,7 +477,7 @@ class Router(Generic[P]):
             return payload
         return None
 
-    def _candidates_for_host(self, value: bytes) -> _Candidates[P]:
+    def _candidates_for_host(self, value: bytes) -> _ByMethod[P]:
         """The candidates of a ``Host`` value, remembered for the next request."""
         cache = self._for_host_value
         if len(cache) >= _HOST_CACHE_SIZE:
@@ -458,7 +488,7 @@ class Router(Generic[P]):
         cache[value] = found
         return found
 
-    def _lookup_host(self, value: bytes) -> _Candidates[P] | None:
+    def _lookup_host(self, value: bytes) -> _ByMethod[P] | None:
         host = value.lower()
         if host.startswith(b"["):
             end = host.find(b"]")

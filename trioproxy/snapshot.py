@@ -45,6 +45,12 @@ _S = TypeVar("_S")
 _T = TypeVar("_T")
 
 
+# The placeholders the engine has values for where it applies each direction's
+# rules (``Engine._request_edit``, ``Engine._response_edit``); ``{route}`` and
+# ``{upstream}`` are written in when the route is made.
+_ENGINE_REQUEST = frozenset({"request_id", "client_ip"})
+_ENGINE_RESPONSE = frozenset({"request_id", "server", "process_time"})
+
 _NO_HEADER_RULES = HeaderRuleSet(HeaderTransform(), HeaderTransform())
 
 
@@ -77,6 +83,11 @@ class Route:
     has_transforms: bool = attrs.field(init=False)
     #: The template placeholders its header rules use, both directions.
     placeholders: frozenset[str] = attrs.field(init=False)
+    #: Whether its rules use a value taken from the client's request (``{host}``,
+    #: ``{method}``, ``{path}``): then ``template_values`` is made for each
+    #: exchange; else the engine passes the values it has
+    #: (``FieldEditor.edit_known``).
+    values_from_request: bool = attrs.field(init=False)
     #: ``{route}`` and ``{upstream}`` as the bytes to write, encoded once.
     name_bytes: bytes = attrs.field(init=False)
     upstream_bytes: bytes = attrs.field(init=False)
@@ -101,6 +112,10 @@ class Route:
             or self.body_transform is not None
         )
         self.placeholders = self.headers.request.placeholders | self.headers.response.placeholders
+        self.values_from_request = not (
+            self.headers.request.placeholders <= _ENGINE_REQUEST
+            and self.headers.response.placeholders <= _ENGINE_RESPONSE
+        )
 
     @property
     def name(self) -> str:

@@ -664,3 +664,34 @@ def test_module_failing_to_import_is_a_config_error(module_dir: Path) -> None:
         "routes.r.body_transform: importing tp_body_dep failed: "
         "No module named 'tp_absent_dependency_xyz'"
     )
+
+
+_KNOWN_VALUES = (
+    "fixed",
+    "{client_ip}",
+    "{request_id}",
+    "{server}",
+    "{process_time}",
+    "{{x}}{request_id}",
+    "{route}:{client_ip}",
+    "{server};{process_time}",
+)
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_an_edit_from_the_engines_values_is_the_edit_from_template_values(seed: int) -> None:
+    """``edit_known`` (no TemplateValues made) gives what ``edit`` gives, for rules
+    that use only the values the engine has (bound as a route binds them)."""
+    rng = random.Random(seed)
+    known = (b"rid-\x01", b"10.0.0.9\x7f", b"http://10.0.0.2:8000", b"0.012")
+    values = TemplateValues(
+        request_id=known[0], client_ip=known[1], server=known[2], process_time=known[3]
+    )
+    for _ in range(10):
+        names = _FOLD_RESPONSE_NAMES if rng.random() < 0.5 else _FOLD_REQUEST_NAMES
+        ruleset = rules(**_random_tables(rng, names, _KNOWN_VALUES, "response")).bind(
+            {"route": b"users", "upstream": b"api"}
+        )
+        editor = FieldEditor.of(ruleset.response, request=False)
+        assert editor is not None
+        assert editor.edit_known(*known) == editor.edit(values), ruleset
