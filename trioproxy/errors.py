@@ -165,6 +165,27 @@ class NoRoute(ProxyError):
 # --- the edge's own refusals (trioproxy.edge) -------------------------------------
 
 
+class AccessDenied(ProxyError):
+    """The client's address is not allowed on this route."""
+
+    status = 403
+    reason = "access denied"
+
+
+class KeyMissing(ProxyError):
+    """The route needs an API key and the request has none."""
+
+    status = 401
+    reason = "API key required"
+
+
+class KeyRejected(ProxyError):
+    """The request's API key is not one of the route's."""
+
+    status = 401
+    reason = "invalid API key"
+
+
 class RateLimited(ProxyError):
     """Over one of the route's rate limits; ``headers`` carry ``Retry-After`` and the
     ``RateLimit-Policy`` / ``RateLimit`` fields."""

@@ -41,7 +41,7 @@ from collections.abc import Iterable
 import attrs
 
 from trioproxy.edge.identity import Network, in_networks, parse_address
-from trioproxy.errors import ProxyError
+from trioproxy.errors import AccessDenied, KeyMissing, KeyRejected, ProxyError
 from trioproxy.http.protocol import Headers
 
 __all__ = [
@@ -54,27 +54,6 @@ __all__ = [
 ]
 
 REALM = b"trioproxy"
-
-
-class AccessDenied(ProxyError):
-    """The client's address is not allowed on this route."""
-
-    status = 403
-    reason = "access denied"
-
-
-class KeyMissing(ProxyError):
-    """The route needs an API key and the request has none."""
-
-    status = 401
-    reason = "API key required"
-
-
-class KeyRejected(ProxyError):
-    """The request's API key is not one of the route's."""
-
-    status = 401
-    reason = "invalid API key"
 
 
 def presented_key(headers: Headers, header: bytes | None = None) -> bytes | None:
