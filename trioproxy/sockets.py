@@ -39,6 +39,8 @@ from trio.lowlevel import (
     wait_writable,
 )
 
+from trioproxy.edge.tls_stream import FastTLSStream
+
 #: Calls that complete without waiting before one yields anyway.
 YIELD_EVERY = 16
 DEFAULT_RECEIVE_SIZE = 65536
@@ -270,6 +272,6 @@ def socket_of(stream: trio.abc.Stream) -> socket.socket | trio.socket.SocketType
     """The socket under ``stream`` (through TLS), or None for other streams."""
     if isinstance(stream, trio.SSLStream):
         stream = stream.transport_stream
-    if isinstance(stream, (FastSocketStream, trio.SocketStream)):
+    if isinstance(stream, (FastSocketStream, trio.SocketStream, FastTLSStream)):
         return stream.socket
     return None

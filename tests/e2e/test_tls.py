@@ -211,6 +211,8 @@ async def test_https_through_the_proxy(
         assert response.http_version == "HTTP/1.1"
         echo = response.json()
         assert [v for n, v in echo["headers"] if n == "x-forwarded-proto"] == ["https"]
+        # The client's address is read through the TLS stream.
+        assert [v for n, v in echo["headers"] if n == "x-forwarded-for"] == ["127.0.0.1"]
         # A streamed response (SSE) over TLS: relayed by the connection's own task,
         # the stream hub writes to plain sockets only.
         async with client.stream("GET", proxy.url + "/sse?n=20&interval=0.01") as sse:

@@ -121,7 +121,7 @@ class ClientConnection:
         self._head_deadline = head_deadline
         self.state = state
         self.protocol: ServerProtocol = state.protocol_factory(state.max_header_size)
-        self.client_addr = _peer_host(stream)
+        self.client_addr = peer_host(stream)
         self.scheme = state.scheme
         self._response_started = False
         self._body_received = 0
@@ -485,7 +485,7 @@ class ClientConnection:
         exchange.end(note, bytes_in=self._body_received)
 
 
-def _peer_host(stream: trio.abc.Stream) -> str:
+def peer_host(stream: trio.abc.Stream) -> str:
     sock = socket_of(stream)
     if sock is not None:
         try:

@@ -35,7 +35,7 @@ from trioproxy.edge.redirect import serve_redirect
 from trioproxy.edge.tls import CertificateError, TLSTerminator, handshake
 from trioproxy.engine import Engine
 from trioproxy.observe.observer import Observer
-from trioproxy.server.connection import ClientConnection, ServerState, _peer_host
+from trioproxy.server.connection import ClientConnection, ServerState, peer_host
 from trioproxy.server.reuseport import as_listeners, bind_sockets
 from trioproxy.snapshot import build_snapshot
 from trioproxy.sockets import ACCEPT_BATCH, CAPACITY_ERRNOS, FastSocketStream, ReadyAcceptor
@@ -275,12 +275,11 @@ class ProxyServer:
         accept to the end of the first request head (see ``trioproxy.edge.tls``)."""
         deadline = trio.current_time() + self.state.header_timeout
         try:
-            peer = _peer_host(stream)
+            peer = peer_host(stream)
             tls_stream = await handshake(stream, tls.context, deadline=deadline, peer=peer)
             if tls_stream is None:
                 return
             connection = ClientConnection(tls_stream, self.state, head_deadline=deadline)
-            connection.client_addr = peer  # (the TLS stream does not say it)
             await connection.serve()
         except Exception:
             log.exception("connection handler failed")
