@@ -181,10 +181,12 @@ async def test_sigkill_of_a_worker_under_load(nursery: trio.Nursery) -> None:
         assert status["workers"][0]["state"] == "ready"
         assert status["workers"][0]["pid"] != victim
         assert "SIGKILL" in status["workers"][0]["last_exit"]
-        # The dead worker's counts were not lost with it.
+        # The dead worker's counts were not lost with it. An exchange is counted
+        # after its last byte is sent, so each of the 4 clients may have had one
+        # answered by the victim and not yet counted at the instant of the kill.
         ok = sum(1 for _, status in results if status == 200)
         total = await _requests_total(proxy)
-        assert ok <= total <= len(results), (ok, total, len(results))
+        assert ok - 4 <= total <= len(results), (ok, total, len(results))
         # Requests after the restart reach both workers again.
         for _ in range(30):
             assert (await _get(proxy.host, proxy.port, "/"))[0] == 200
