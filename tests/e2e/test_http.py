@@ -352,6 +352,28 @@ async def test_a_request_body_whose_length_connection_names_arrives_whole(
     assert following.json()["target"] == "/echo/next"
 
 
+async def test_an_upgrade_request_with_a_body_is_relayed_with_its_body(
+    upstream: str, raw_connect: Any, parser: str
+) -> None:
+    """Not a WebSocket handshake: served as plain HTTP, the body included (llhttp
+    alone would end the request at its head, and the client waited forever)."""
+    body = b"GET /smuggled HTTP/1.1\r\nHost: proxy\r\n\r\n" + bytes(range(256)) * 100
+    async with run_proxy("--http", parser, "--upstream", upstream) as proxy:
+        conn = await raw_connect(proxy)
+        await conn.send(
+            b"POST /echo HTTP/1.1\r\nHost: proxy\r\nConnection: upgrade\r\nUpgrade: h2c\r\n"
+            b"Content-Length: %d\r\n\r\n" % len(body) + body
+        )
+        with trio.fail_after(5):
+            response = await conn.read_response()
+            await conn.send(b"GET /echo/next HTTP/1.1\r\nHost: proxy\r\n\r\n")
+            following = await conn.read_response()
+    assert response.status == 200
+    echo = response.json()
+    assert (echo["body_len"], echo["body_sha256"]) == (len(body), hashlib.sha256(body).hexdigest())
+    assert following.json()["target"] == "/echo/next"
+
+
 async def test_a_response_body_whose_length_connection_names_keeps_its_length(
     canned_upstream: Any, raw_connect: Any, parser: str
 ) -> None:

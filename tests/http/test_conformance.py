@@ -695,3 +695,187 @@ def test_client_incomplete_head_over_max_head_size(client_factory: ClientFactory
     client.receive_data(b"HTTP/1.1 200 OK\r\nX-Big: " + b"a" * 2000)
     with pytest.raises(UpstreamProtocolError):
         events(client)
+
+
+# --- large bodies of known length, in reads of every shape ----------------------------
+#
+# The httptools implementation passes the rest of such a body on without llhttp
+# (``PASS_THROUGH_MIN``); these pin that it keeps the contract where that path
+# starts and ends: in the middle of a read, at a read's end, with the next message
+# behind it in the same read, and at EOF.
+
+BIG = bytes(range(256)) * 400  # 102400 bytes, each position telling where it was
+
+
+def _pieces(data: bytes, sizes: list[int]) -> list[bytes]:
+    out, at = [], 0
+    for size in sizes:
+        if at < len(data):  # (an empty read would be EOF)
+            out.append(data[at : at + size])
+        at += size
+    if at < len(data):
+        out.append(data[at:])
+    return out
+
+
+READ_SHAPES = {
+    "head-alone": [],  # (these two are cut by the head's length: see _reads)
+    "head-and-some-body": [],
+    "one-read": [10**9],
+    "uneven": [7, 65536, 3, 40000],
+    "64k-reads": [65536] * 4,
+}
+
+
+def _reads(head: bytes, body: bytes, tail: bytes, shape: str) -> list[bytes]:
+    data = head + body + tail
+    if shape == "head-alone":
+        return _pieces(data, [len(head), 50000, 50000])
+    if shape == "head-and-some-body":
+        return _pieces(data, [len(head) + 100, len(body) - 100 - 17, 17 + len(tail)])
+    return _pieces(data, READ_SHAPES[shape])
+
+
+@pytest.mark.parametrize("shape", sorted(READ_SHAPES))
+def test_large_upload_then_a_pipelined_request(server_factory: ServerFactory, shape: str) -> None:
+    server = server_factory(65536)
+    head = b"POST /up HTTP/1.1\r\nHost: a\r\nContent-Length: %d\r\n\r\n" % len(BIG)
+    parsed: list[Event | _Sentinel] = []
+    for data in _reads(head, BIG, GET, shape):
+        parsed += feed(server, data)
+    parsed = [event for event in parsed if event is not NEED_DATA and event is not PAUSED]
+    assert isinstance(parsed[0], RequestHead) and parsed[0].target == b"/up"
+    assert body_of(parsed) == BIG
+    assert parsed[-1] is END_OF_MESSAGE
+    assert server.buffered  # the GET behind it waits for the next cycle
+    server.send_head(ResponseHead(204, []))
+    server.send_end()
+    server.start_next_cycle()
+    after = events(server)
+    assert isinstance(after[0], RequestHead) and after[0].target == b"/a?b=1"
+    assert ended(after)
+
+
+@pytest.mark.parametrize("shape", sorted(READ_SHAPES))
+def test_large_response_then_the_connection_is_reused(
+    client_factory: ClientFactory, shape: str
+) -> None:
+    client = client_factory(65536)
+    request_bytes(client)
+    head = b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(BIG)
+    parsed: list[Event | _Sentinel] = []
+    for data in _reads(head, BIG, b"", shape):
+        parsed += feed(client, data)
+    parsed = [event for event in parsed if event is not NEED_DATA and event is not PAUSED]
+    assert isinstance(parsed[0], ResponseHead)
+    assert body_of(parsed) == BIG
+    assert parsed[-1] is END_OF_MESSAGE
+    assert client.reusable
+    client.start_next_cycle()
+    request_bytes(client)
+    again = feed(client, b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+    assert isinstance(again[0], ResponseHead) and body_of(again) == b"ok" and ended(again)
+    assert client.reusable
+
+
+def test_large_response_with_connection_close_is_not_reusable(
+    client_factory: ClientFactory,
+) -> None:
+    client = client_factory(65536)
+    request_bytes(client)
+    head = b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: %d\r\n\r\n" % len(BIG)
+    parsed = feed(client, head)
+    parsed += feed(client, BIG)
+    assert body_of(parsed) == BIG and END_OF_MESSAGE in parsed
+    assert client.peer_done and not client.reusable
+
+
+def test_large_response_cut_short_is_an_error(client_factory: ClientFactory) -> None:
+    client = client_factory(65536)
+    request_bytes(client)
+    head = b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(BIG)
+    parsed = feed(client, head + BIG[:100]) + feed(client, BIG[100:-1])
+    assert body_of(parsed) == BIG[:-1] and END_OF_MESSAGE not in parsed
+    client.receive_data(b"")
+    with pytest.raises(UpstreamProtocolError):
+        events(client)
+    assert not client.reusable
+
+
+def test_large_upload_cut_short_is_an_error(server_factory: ServerFactory) -> None:
+    server = server_factory(65536)
+    head = b"POST /up HTTP/1.1\r\nHost: a\r\nContent-Length: %d\r\n\r\n" % len(BIG)
+    parsed = feed(server, head) + feed(server, BIG[:-1])
+    assert body_of(parsed) == BIG[:-1]
+    server.receive_data(b"")
+    with pytest.raises(ProtocolError):
+        events(server)
+
+
+@pytest.mark.parametrize("size", [5, len(BIG)])
+@pytest.mark.parametrize("split", [False, True])
+def test_an_upgrade_request_with_a_body_ends_after_its_body(
+    server_factory: ServerFactory, size: int, split: bool
+) -> None:
+    """RFC 9110 §7.8: a request's body comes before any switch. (llhttp alone ends
+    such a request at its head and takes its body for the new protocol's bytes.)"""
+    server = server_factory(65536)
+    body = BIG[:size]
+    head = (
+        b"POST /ws HTTP/1.1\r\nHost: a\r\nConnection: upgrade\r\nUpgrade: x\r\n"
+        b"Content-Length: %d\r\n\r\n" % size
+    )
+    data = head + body + b"new protocol"
+    reads = [data[: len(head) + 3], data[len(head) + 3 :]] if split else [data]
+    parsed: list[Event | _Sentinel] = []
+    for read in reads:
+        parsed += feed(server, read)
+    assert body_of(parsed) == body and END_OF_MESSAGE in parsed
+    assert server.trailing_data() == b"new protocol"
+    # Not switched: what followed is parsed as the next request (not a valid one).
+    server.send_head(ResponseHead(200, [(b"content-length", b"0")]))
+    server.send_end()
+    server.start_next_cycle()
+    try:
+        after = events(server)
+    except ProtocolError:
+        after = []
+    assert not any(isinstance(event, RequestHead) for event in after)
+
+
+def test_an_upgrade_request_with_a_body_then_a_pipelined_request(
+    server_factory: ServerFactory,
+) -> None:
+    server = server_factory(65536)
+    head = (
+        b"POST /ws HTTP/1.1\r\nHost: a\r\nConnection: upgrade\r\nUpgrade: x\r\n"
+        b"Content-Length: 5\r\n\r\n"
+    )
+    parsed = feed(server, head + b"hello" + GET)
+    assert body_of(parsed) == b"hello" and END_OF_MESSAGE in parsed
+    server.send_head(ResponseHead(200, [(b"content-length", b"0")]))
+    server.send_end()
+    server.start_next_cycle()
+    after = events(server)
+    assert isinstance(after[0], RequestHead) and after[0].target == b"/a?b=1"
+
+
+def test_httptools_passes_the_reads_of_a_large_body_on_uncopied() -> None:
+    client = HttptoolsClient(65536)
+    request_bytes(client)
+    feed(client, b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(BIG) + BIG[:10])
+    middle = BIG[10:60000]
+    parsed = feed(client, middle)
+    assert next(event for event in parsed if isinstance(event, Body)).data is middle
+
+
+def test_httptools_refuses_an_upgrade_request_with_a_chunked_body() -> None:
+    """llhttp cannot parse it (it stops at the head); refused, never held open."""
+    server = HttptoolsServer(65536)
+    server.receive_data(
+        b"POST /ws HTTP/1.1\r\nHost: a\r\nConnection: upgrade\r\nUpgrade: x\r\n"
+        b"Transfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n"
+    )
+    with pytest.raises(ProtocolError) as caught:
+        server.next_event()  # not its head first: it would go upstream without its body
+    assert caught.value.status == 400

@@ -17,6 +17,11 @@ Where llhttp and the seam's contract differ, this adapter closes the gap:
   for fields that will never come, so the first line of a head is watched here
   (see ``HttptoolsServer._watch_request_line``).
 
+One thing is done here rather than by llhttp, for speed: the rest of a body
+of known length (``Content-Length``) that did not come with its head is not
+fed to llhttp, which would copy every slice of it into a new ``bytes``; each
+read is passed on as it came and counted here (see ``_Base._pass_through``).
+
 llhttp itself refuses the rest of the contract (CL with TE, repeated
 Content-Length, obs-fold, bare CR or LF), as tests/http/test_conformance.py
 checks for both implementations.
@@ -55,6 +60,10 @@ from trioproxy.http.protocol import (
 _METHOD_TOKEN = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+ [^\x00-\x20\x7f]+ HTTP/[0-9]\.[0-9]\r\n")
 _NO_BODY_STATUSES = frozenset({204, 304})
 _OWS = b" \t"
+#: What must be left of a body of known length after the read that ended its
+#: head for the rest to bypass llhttp: the parser is replaced at the end of such
+#: a body (a few µs), worth it only when it saves copying more than a little.
+PASS_THROUGH_MIN = 16384
 
 
 def _request_parser(protocol: object) -> httptools.HttpRequestParser:
@@ -175,6 +184,12 @@ class _Base:
         # A parse error is raised by next_event once the events before it are
         # delivered, as h11 does: receive_data never raises.
         self._error: Exception | None = None
+        # The body of the message being parsed: its Content-Length when the rest
+        # of it may bypass llhttp (-1: it may not), the bytes llhttp parsed of it,
+        # and (once it bypasses llhttp) the bytes still to come.
+        self._length = -1
+        self._body_parsed = 0
+        self._pass_left = 0
 
     # -- llhttp callbacks shared by both roles --------------------------------
 
@@ -183,11 +198,14 @@ class _Base:
         self._message_open = True
         self._head_bytes = 0
         self._headers = []
+        self._length = -1
+        self._body_parsed = 0
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self._headers.append((name.lower(), value.rstrip(_OWS)))
 
     def on_body(self, body: bytes) -> None:
+        self._body_parsed += len(body)
         self._events.append(Body(body))
 
     def on_message_complete(self) -> None:
@@ -234,6 +252,42 @@ class _Base:
             self._error = self._parse_error(str(exc))
         except (ProtocolError, UpstreamProtocolError) as exc:
             self._error = exc
+
+    def _bypass_rest_of_body(self) -> None:
+        """After a feed: if llhttp stopped in a body of known length with enough of
+        it still to come, the rest bypasses llhttp (:meth:`_pass_through`)."""
+        if self._length >= 0 and self._message_open and not self._in_head:
+            left = self._length - self._body_parsed
+            if left >= PASS_THROUGH_MIN and self._error is None:
+                self._pass_left = left
+
+    def _pass_through(self, data: bytes | bytearray) -> None:
+        """Body bytes of a known length, passed on as they came: llhttp would copy
+        them. At the body's end the message ends as llhttp would end it, llhttp
+        (left in the middle of that body) is replaced, and what followed in the
+        same read is fed to the new one."""
+        left = self._pass_left
+        size = len(data)
+        if size < left:
+            self._pass_left = left - size
+            self._events.append(Body(data if type(data) is bytes else bytes(data)))
+            return
+        self._pass_left = 0
+        self._events.append(Body(bytes(data[:left]) if size > left else bytes(data)))
+        self.on_message_complete()
+        self._parser = self._new_parser()
+        self._rest_after_body(data[left:])
+
+    def _rest_after_body(self, rest: bytes | bytearray) -> None:
+        """What followed the body in its last read: the next message's."""
+        if rest:
+            self.receive_data(rest)
+
+    def _new_parser(self) -> Any:
+        raise NotImplementedError
+
+    def receive_data(self, data: bytes | bytearray) -> None:
+        raise NotImplementedError
 
     def _parse_error(self, detail: str) -> Exception:
         raise NotImplementedError
@@ -323,6 +377,9 @@ class HttptoolsServer(_Base):
         # The bytes of an incomplete head until its first line is whole (see
         # _watch_request_line); None when no head is being watched.
         self._first_line: bytearray | None = None
+        # An Upgrade request's body is passing through: what follows it is the tail.
+        self._upgrade_after_body = False
+        self._chunked_upgrade = False
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
@@ -344,14 +401,15 @@ class HttptoolsServer(_Base):
             if name == b"expect" and value.lower() == b"100-continue":
                 expect = True
         self._head_meta.append((parser.should_keep_alive(), expect))
+        method = parser.get_method()
         self._events.append(
-            RequestHead(
-                method=parser.get_method(),
-                target=self._url,
-                headers=headers,
-                http_version=version,
-            )
+            RequestHead(method=method, target=self._url, headers=headers, http_version=version)
         )
+        if method != b"CONNECT":
+            length, chunked = _framing_received(headers)
+            if length is not None and not chunked:
+                self._length = length
+            self._chunked_upgrade = chunked and parser.should_upgrade()
 
     def _head_too_large(self) -> None:
         raise ProtocolError("request head too large", status=431)
@@ -362,6 +420,9 @@ class HttptoolsServer(_Base):
     def receive_data(self, data: bytes | bytearray) -> None:
         if not data:
             self._eof = True
+            return
+        if self._pass_left:
+            self._pass_through(data)
             return
         if self._upgrade_tail is not None:
             self._upgrade_tail += data
@@ -378,12 +439,52 @@ class HttptoolsServer(_Base):
             # protocol's if the handler switches (trailing_data), else the
             # next request, parsed afresh by start_next_cycle.
             offset = exc.args[0] if exc.args and isinstance(exc.args[0], int) else len(data)
-            self._upgrade_tail = bytearray(data[offset:])
+            self._upgraded_at(data[offset:])
             return
         if self._in_head and self._error is None:
             self._watch_request_line(data, continued or self._peer_complete != completed)
-        elif self._first_line is not None:
-            self._first_line = None
+        else:
+            if self._first_line is not None:
+                self._first_line = None
+            self._bypass_rest_of_body()
+
+    def _new_parser(self) -> httptools.HttpRequestParser:
+        return _request_parser(self)
+
+    def _upgraded_at(self, rest: bytes | bytearray) -> None:
+        """llhttp stopped at the end of an Upgrade request's *head*, as if it had no
+        body. A body it declares belongs to the request (RFC 9110 §7.8: a switch
+        comes after the whole request): one of known length is taken here
+        (:meth:`_pass_through`), and only what follows it is the tail. llhttp
+        cannot be made to parse a chunked one, which is refused (400)."""
+        if self._chunked_upgrade:
+            self._chunked_upgrade = False
+            # Its head (and the end llhttp gave it) is not delivered: refused instead.
+            if len(self._events) >= 2 and self._events[-1] is END_OF_MESSAGE:
+                self._events.pop()
+                self._events.pop()
+                self._head_meta.pop()
+                self._peer_complete -= 1
+            self._error = ProtocolError("an Upgrade request with a chunked body", status=400)
+            return
+        if self._length > 0 and self._events and self._events[-1] is END_OF_MESSAGE:
+            self._events.pop()
+            self._peer_complete -= 1
+            self._message_open = True
+            self._parser = self._new_parser()
+            self._pass_left = self._length
+            self._upgrade_after_body = True
+            if rest:
+                self._pass_through(rest)
+            return
+        self._upgrade_tail = bytearray(rest)
+
+    def _rest_after_body(self, rest: bytes | bytearray) -> None:
+        if self._upgrade_after_body:
+            self._upgrade_after_body = False
+            self._upgrade_tail = bytearray(rest)
+        elif rest:
+            self.receive_data(rest)
 
     def _watch_request_line(self, data: bytes | bytearray, behind_other_bytes: bool) -> None:
         """Refuse an HTTP/0.9 request line as soon as it is whole.
@@ -535,6 +636,8 @@ class HttptoolsClient(_Base):
             self._keep_alive = parser.should_keep_alive()
             raise _StopAtHead
         self._close_delimited = length is None and not chunked and status not in _NO_BODY_STATUSES
+        if length is not None and not chunked and status != 101 and status not in _NO_BODY_STATUSES:
+            self._length = length
 
     def on_message_complete(self) -> None:
         if self._informational:
@@ -553,6 +656,9 @@ class HttptoolsClient(_Base):
         if not data:
             self._eof = True
             return
+        if self._pass_left:
+            self._pass_through(data)
+            return
         if self._stopped_at_head or self._their_done:
             # Bytes after a complete response that nobody asked for.
             self._keep_alive = False
@@ -567,6 +673,11 @@ class HttptoolsClient(_Base):
             self._message_open = False
             if data[-4:] != b"\r\n\r\n":
                 self._keep_alive = False
+            return
+        self._bypass_rest_of_body()
+
+    def _new_parser(self) -> httptools.HttpResponseParser:
+        return httptools.HttpResponseParser(self)
 
     def _at_eof(self) -> Event:
         if self._close_delimited and self._head_seen:
