@@ -60,6 +60,7 @@ from trioproxy.engine import Engine, ExchangeLog
 from trioproxy.errors import ClientDisconnected, ProxyError
 from trioproxy.http.answers import error_answer
 from trioproxy.http.headers import new_request_id, request_id_from
+from trioproxy.http.parsers import client_factory
 from trioproxy.http.protocol import Headers, RequestHead
 from trioproxy.http.transforms import compile_header_rules
 from trioproxy.snapshot import Route
@@ -76,6 +77,7 @@ if TYPE_CHECKING:
 #: Attempts per request: the first and up to two retries on other targets.
 _ATTEMPTS = 3
 _REPLAY_LIMIT = 1 << 20
+_ROUTES_KEPT = 256
 _CLOSE_CODES = {503: 1013, 502: 1014, 504: 1014}
 
 
@@ -86,12 +88,28 @@ class _Helpers:
 
     engine: Engine = attrs.Factory(lambda: Engine(use_hub=False))
     pool: UpstreamPool = attrs.Factory(
-        lambda: UpstreamPool(ssl_context=make_ssl_context(UpstreamTLS()))
+        lambda: UpstreamPool(
+            ssl_context=make_ssl_context(UpstreamTLS()),
+            # The parser ``python -m trioproxy`` and the app use by default.
+            protocol_factory=client_factory("auto"),
+        )
     )
     by_url: dict[str, LiveGroup] = attrs.Factory(dict)
     by_balancer: weakref.WeakKeyDictionary[LoadBalancer, LiveGroup] = attrs.Factory(
         weakref.WeakKeyDictionary
     )
+    #: The routes calls asked for, by (group, timeout, override_host): most apps ask
+    #: for a few, on every request (making one compiles its header rules).
+    routes: dict[tuple[LiveGroup, float, str | None], Route] = attrs.Factory(dict)
+
+    def route(self, group: LiveGroup, timeout: float, override_host: str | None) -> Route:
+        key = (group, timeout, override_host)
+        route = self.routes.get(key)
+        if route is None:
+            if len(self.routes) >= _ROUTES_KEPT:  # (say, an override_host per client)
+                self.routes.clear()
+            route = self.routes[key] = _route(group, timeout, override_host)
+        return route
 
     def group(self, upstream: str | LoadBalancer) -> LiveGroup:
         if isinstance(upstream, str):
@@ -353,7 +371,7 @@ async def proxy_pass(
         # The endpoint (or FastAPI) read the body already: send what it read.
         body = bytes(cached)
         head = _with_body(head, body, False)
-    route = _route(helpers.group(upstream), timeout, override_host)
+    route = helpers.route(helpers.group(upstream), timeout, override_host)
     return ProxyResponse(head, route, body, helpers.engine)
 
 
@@ -406,7 +424,7 @@ async def proxy_pass_websocket(
         if websocket.client_state == WebSocketState.CONNECTING:
             await client.connect()
         group = helpers.group(upstream)
-        route = _route(group, timeout, None)
+        route = helpers.route(group, timeout, None)
         offered = subprotocols if subprotocols is not None else list(scope.get("subprotocols", []))
         group.enter()
         try:
