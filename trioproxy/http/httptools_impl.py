@@ -395,10 +395,16 @@ class HttptoolsServer(_Base):
         version = parser.get_http_version().encode("ascii")
         check_request_head(parser.get_method(), self._url, version, headers, self._max_head_size)
         expect = False
+        chunked = False
+        length = -1
         for name, value in headers:
-            if name == b"transfer-encoding" and value.lower() != b"chunked":
-                raise ProtocolError("unsupported Transfer-Encoding", status=501)
-            if name == b"expect" and value.lower() == b"100-continue":
+            if name == b"transfer-encoding":
+                if value.lower() != b"chunked":
+                    raise ProtocolError("unsupported Transfer-Encoding", status=501)
+                chunked = True
+            elif name == b"content-length":
+                length = int(value) if value.isdigit() else -1  # (llhttp checked it)
+            elif name == b"expect" and value.lower() == b"100-continue":
                 expect = True
         self._head_meta.append((parser.should_keep_alive(), expect))
         method = parser.get_method()
@@ -406,9 +412,7 @@ class HttptoolsServer(_Base):
             RequestHead(method=method, target=self._url, headers=headers, http_version=version)
         )
         if method != b"CONNECT":
-            length, chunked = _framing_received(headers)
-            if length is not None and not chunked:
-                self._length = length
+            self._length = length
             self._chunked_upgrade = chunked and parser.should_upgrade()
 
     def _head_too_large(self) -> None:

@@ -27,10 +27,13 @@ from trioproxy.upstream.origin import Origin
 
 READ_SIZE = 65536
 #: Reads grow (doubling) up to this while they come back full: a large body
-#: moves in fewer, bigger reads (measured: +30 % MiB/s over 64 KiB), while small
-#: messages never pay for a big buffer. (256 KiB measured no better within the
-#: noise here, and grew RSS more across aborted downloads.)
-MAX_READ_SIZE = 131072
+#: moves in fewer, bigger reads (measured: +30 % MiB/s for 128 KiB over 64 KiB),
+#: while small messages never pay for a big buffer. 256 KiB: ~5 % less CPU per
+#: MiB again under hypercorn, whose cost is per body message, since a body read
+#: is no longer copied by the parser (bench/README.rst, "ASGI downloads"); 512 KiB
+#: and more: the allocator hands such buffers back to the kernel, and page faults
+#: eat the gain.
+MAX_READ_SIZE = 262144
 
 #: Opens the byte stream to an origin (TLS is layered on top by the caller).
 Connector = Callable[[Origin], Awaitable[trio.abc.Stream]]
