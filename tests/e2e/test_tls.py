@@ -296,12 +296,19 @@ async def test_plain_http_and_stalled_handshakes_are_cut_while_others_are_served
     args = ["--upstream", upstream, "--certfile", certfile, "--keyfile", keyfile]
     args += ["--header-timeout", "3", "--log-level", "debug"]
     async with run_proxy(*args) as proxy:
-        # Plain HTTP on the TLS port: closed at once (well before the header timeout),
-        # without an answer.
+        # Plain HTTP on the TLS port: a plain 400 that says so, and the connection
+        # closed at once (well before the header timeout), as nginx does.
         started = trio.current_time()
         answer = await raw_request("127.0.0.1", proxy.port, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
         assert trio.current_time() - started < 2.0
-        assert not answer.startswith(b"HTTP/")
+        assert answer.startswith(b"HTTP/1.1 400 Bad Request\r\n"), answer
+        assert answer.endswith(b"\r\n\r\n400 Bad Request: plain HTTP was sent to the HTTPS port\n")
+        # A real client, with a body it had not finished sending: the answer is read
+        # whole, not lost to a reset.
+        async with httpx.AsyncClient() as client:
+            response = await client.post(f"http://127.0.0.1:{proxy.port}/", content=b"x" * 200_000)
+        assert response.status_code == 400
+        assert response.text == "400 Bad Request: plain HTTP was sent to the HTTPS port\n"
         # Two stalled handshakes: one says nothing, one sends half a ClientHello.
         silent = await trio.open_tcp_stream("127.0.0.1", proxy.port)
         half = await trio.open_tcp_stream("127.0.0.1", proxy.port)
@@ -321,7 +328,7 @@ async def test_plain_http_and_stalled_handshakes_are_cut_while_others_are_served
         assert (await get_on(stream, "/")).startswith(b"HTTP/1.1 200")
         await stream.aclose()
         log = await proxy.settled_stderr()
-    assert log.count("TLS handshake with 127.0.0.1 failed: plain HTTP sent to the TLS port") == 1
+    assert log.count("TLS handshake with 127.0.0.1 failed: plain HTTP sent to the TLS port") == 2
     assert log.count("not finished within the header timeout") == 2, log
 
 

@@ -41,6 +41,8 @@ at most that long and one debug line, and no other connection waits for it.
 from __future__ import annotations
 
 import logging
+import os
+import socket
 import ssl
 from collections.abc import Mapping
 
@@ -190,6 +192,7 @@ async def handshake(
     else:
         tls_stream = trio.SSLStream(stream, context, server_side=True)
     why: object = None
+    plain_http = False
     with trio.move_on_at(deadline):
         try:
             await tls_stream.do_handshake()
@@ -198,6 +201,7 @@ async def handshake(
             why = cause.reason if isinstance(cause, ssl.SSLError) and cause.reason else cause
             if why == "HTTP_REQUEST":
                 why = "plain HTTP sent to the TLS port"
+                plain_http = True
             why = why or "connection closed"
         else:
             return tls_stream
@@ -205,5 +209,44 @@ async def handshake(
         log.debug("TLS handshake with %s not finished within the header timeout", peer)
     else:
         log.debug("TLS handshake with %s failed: %s", peer, why)
+    if plain_http:
+        await _answer_plain_http(stream, tls_stream, deadline)
     await trio.aclose_forcefully(tls_stream)
     return None
+
+
+#: What a client that spoke plain HTTP to the TLS port reads (nginx answers 400 too).
+_PLAIN_HTTP_BODY = b"400 Bad Request: plain HTTP was sent to the HTTPS port\n"
+PLAIN_HTTP_ANSWER = (
+    b"HTTP/1.1 400 Bad Request\r\ncontent-type: text/plain; charset=utf-8\r\n"
+    b"content-length: %d\r\nconnection: close\r\n\r\n%b" % (len(_PLAIN_HTTP_BODY), _PLAIN_HTTP_BODY)
+)
+
+
+async def _answer_plain_http(
+    stream: trio.abc.Stream,
+    tls_stream: FastTLSStream | trio.SSLStream[trio.abc.Stream],
+    deadline: float,
+) -> None:
+    """Answer 400 in plain text, then close as nginx's lingering close does: our
+    side shut, the rest of the request read and dropped until the client closes
+    (up to ``deadline``, one second at most), so that the kernel sends a FIN after
+    the answer, not a reset that could destroy it before the client reads it."""
+    plain: trio.abc.Stream
+    if isinstance(tls_stream, FastTLSStream):
+        # The TLS socket took the descriptor; the answer goes on a copy of it.
+        plain = FastSocketStream(socket.socket(fileno=os.dup(tls_stream.socket.fileno())))
+    else:
+        plain = stream
+    try:
+        with trio.move_on_at(min(deadline, trio.current_time() + 1.0)):
+            await plain.send_all(PLAIN_HTTP_ANSWER)
+            if isinstance(plain, trio.abc.HalfCloseableStream):
+                await plain.send_eof()
+            while await plain.receive_some(65536):
+                pass
+    except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+        pass
+    finally:
+        if plain is not stream:
+            await trio.aclose_forcefully(plain)
