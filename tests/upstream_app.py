@@ -22,6 +22,7 @@ Endpoints (any method unless stated):
 ``/status/{code}``  that status, body ``status {code}`` (none for 204 and 304).
 ``/cookies``        three separate ``set-cookie`` headers and ``cache-control: no-cache, private``.
 ``/ws``             WebSocket echo of text and binary messages.
+``/ws/headers``     WebSocket: sends the handshake's header fields as JSON ``[[name, value]]``.
 ``/``               200 ``ok``. Anything else is 404.
 
 Sleeping uses trio, so serve it with a trio server.
@@ -81,6 +82,15 @@ async def app(scope: Scope, receive: Receive, send: Send) -> None:
 
 async def websocket_echo(scope: Scope, receive: Receive, send: Send) -> None:
     """Accept a WebSocket on ``/ws`` and send every text or binary message back."""
+    if scope["path"] == "/ws/headers":
+        await receive()  # websocket.connect
+        await send({"type": "websocket.accept"})
+        fields = [
+            [bytes(n).decode("latin-1"), bytes(v).decode("latin-1")] for n, v in scope["headers"]
+        ]
+        await send({"type": "websocket.send", "text": json.dumps(fields)})
+        await receive()  # websocket.disconnect
+        return
     if scope["path"] != "/ws":
         # Closing before accepting makes the server answer the handshake with 403.
         await receive()  # websocket.connect

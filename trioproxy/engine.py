@@ -193,6 +193,10 @@ class ExchangeLog:
     #: The real client IP when the front end resolved one (``trioproxy.edge.identity``);
     #: empty: the peer address is the client's.
     client_ip: str = ""
+    #: The scheme and host a trusted proxy in front says the client used
+    #: (``X-Forwarded-Proto``, ``-Host``); None: the proxy's own view.
+    client_proto: str | None = None
+    client_host: bytes | None = None
     #: The route's upstream group ("" for an answer the proxy made).
     group: str = ""
     #: Attempts beyond the first.
@@ -636,13 +640,14 @@ class Engine:
         return upstream_request_headers(
             request.headers,
             client_addr=downstream.client_addr,
-            scheme=downstream.scheme,
+            scheme=record.client_proto or downstream.scheme,
             upstream_host=origin.host_header,
             preserve_host=group.preserve_host,
             request_id=record.request_id,
             via=via_entry(request.http_version),
             x_forwarded=route.x_forwarded,
             edit=edit,
+            forwarded_host=record.client_host,
         )
 
     async def _attempt(

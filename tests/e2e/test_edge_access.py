@@ -85,6 +85,30 @@ async def test_forwarded_for_from_a_trusted_peer_is_honoured(
     assert access and access[0].split("trioproxy.access: ")[1].startswith("2001:db8::7 ")
 
 
+async def test_proto_and_host_from_a_trusted_peer_go_upstream(
+    tmp_path: Path, front_end: FrontEnd, upstream: str, http_client: httpx.AsyncClient
+) -> None:
+    """Behind a TLS-terminating balancer the app must see https and the public
+    host (to build its links); from anyone else the proxy's own view goes."""
+    edge = {"x-forwarded-proto": "https", "x-forwarded-host": "app.example"}
+    for trusted, proto, host in (
+        ('["127.0.0.1/32"]', "https", "app.example"),
+        ('["10.0.0.0/8"]', "http", None),
+    ):
+        config = write_config(tmp_path, IDENTITY.format(trusted=trusted, upstream=upstream))
+        async with front_end("--config", config) as proxy:
+            response = await http_client.get(proxy.url + "/echo", headers=edge)
+            # A WebSocket upgrade is told the same.
+            async with trio_websocket.open_websocket_url(
+                proxy.url.replace("http://", "ws://") + "/ws/headers",
+                extra_headers=[(b"x-forwarded-proto", b"https")],
+            ) as ws:
+                ws_headers = json.loads(await ws.get_message())
+        assert echo_headers(response, "x-forwarded-proto") == [proto]
+        assert echo_headers(response, "x-forwarded-host") == [host or f"127.0.0.1:{proxy.port}"]
+        assert [v for n, v in ws_headers if n == "x-forwarded-proto"] == [proto]
+
+
 def ipv6_loopback() -> bool:
     try:
         with socket.socket(socket.AF_INET6) as probe:

@@ -86,6 +86,52 @@ def test_forwarded_value_one_element_per_hop_ours_with_host_and_proto() -> None:
     assert odd == b'for=192.0.2.1;host="a\\"b\\\\c";proto=http'
 
 
+@pytest.mark.parametrize(
+    ("fields", "proto", "host"),
+    [
+        (
+            [(b"x-forwarded-proto", b"https"), (b"x-forwarded-host", b"app.example")],
+            "https",
+            b"app.example",
+        ),
+        (
+            [(b"x-forwarded-proto", b"HTTPS, http"), (b"x-forwarded-host", b"a.example:8443, b")],
+            "https",
+            b"a.example:8443",
+        ),
+        ([(b"x-forwarded-host", b"[2001:db8::1]:443")], None, b"[2001:db8::1]:443"),
+        ([(b"x-forwarded-proto", b"gopher"), (b"x-forwarded-host", b"a b")], None, None),
+        ([(b"x-forwarded-proto", b""), (b"x-forwarded-host", b"a/b")], None, None),
+        ([], None, None),
+    ],
+)
+def test_a_trusted_peers_proto_and_host_are_kept_when_they_can_be_what_they_say(
+    fields: Headers, proto: str | None, host: bytes | None
+) -> None:
+    who = identify("10.0.0.1", [*xff("203.0.113.9"), *fields], policy("10.0.0.0/8"))
+    assert (who.trusted_peer, who.proto, who.host) == (True, proto, host)
+
+
+def test_an_untrusted_peers_proto_and_host_are_not_read() -> None:
+    headers = [(b"x-forwarded-proto", b"https"), (b"x-forwarded-host", b"evil.example")]
+    who = identify("198.51.100.1", headers, policy("10.0.0.0/8"))
+    assert (who.trusted_peer, who.proto, who.host) == (False, None, None)
+
+
+def test_x_forwarded_host_can_be_given_instead_of_the_clients_host() -> None:
+    sent = upstream_request_headers(
+        [(b"host", b"proxy.internal")],
+        client_addr="10.0.0.1",
+        scheme="https",
+        upstream_host=b"up:9000",
+        preserve_host=False,
+        request_id=b"id",
+        forwarded_host=b"app.example",
+    )
+    assert values(sent, b"x-forwarded-host") == [b"app.example"]
+    assert values(sent, b"x-forwarded-proto") == [b"https"]
+
+
 def upstream(headers: Headers, peer: str, p: IdentityPolicy, scheme: str = "http") -> Headers:
     who = identify(peer, headers, p)
     prepared = rewrite_forwarding(headers, who, p, scheme)

@@ -35,7 +35,9 @@ def admit(
     """``head`` as it goes on, or the error it gets.
 
     Sets ``record.client_ip`` when the client is not simply the peer's address
-    as given.
+    as given, and ``record.client_proto`` / ``record.client_host`` to what a
+    trusted peer says of the client's scheme and host (``X-Forwarded-Proto``,
+    ``-Host``: kept upstream instead of the proxy's own).
 
     Raises:
         AccessDenied: 403. KeyMissing, KeyRejected: 401 with ``WWW-Authenticate``.
@@ -48,6 +50,9 @@ def admit(
     if policy.rewrites:
         identity = identify(peer, headers, policy)
         client = record.client_ip = identity.client_ip
+        if identity.trusted_peer:
+            record.client_proto = identity.proto
+            record.client_host = identity.host
         headers = rewrite_forwarding(headers, identity, policy, scheme)
     if access is not None:
         preflight = route.cors is not None and is_preflight(head.method, head.headers)

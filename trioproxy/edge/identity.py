@@ -34,6 +34,11 @@ is not part of it.
   passes through as any field does, except from an untrusted peer when
   ``trusted_proxies`` is set: a claim nobody vouches for is dropped.
 - ``forwarded = "rfc7239"`` sends no ``X-Forwarded-*``; ``"both"`` sends both.
+- ``X-Forwarded-Proto`` and ``X-Forwarded-Host``: a trusted peer's are kept (the
+  scheme and host the client used at the edge, say a TLS-terminating balancer:
+  an app behind both builds its links with them), as Traefik does for its
+  ``trustedIPs``; anyone else's are replaced by the proxy's own. Only a value
+  that can be one is kept: ``http`` or ``https`` (``ws``/``wss``), a host[:port].
 
 :func:`client_ip` is the one function the rest of the proxy (access rules, rate
 limits, templates, the access log) asks for the real client address of a
@@ -43,6 +48,7 @@ request.
 from __future__ import annotations
 
 import ipaddress
+import re
 from collections.abc import Sequence
 
 import attrs
@@ -120,6 +126,10 @@ class ClientIdentity:
     chain: tuple[str, ...] = ()
     #: Whether the peer is a trusted proxy.
     trusted_peer: bool = False
+    #: The trusted peer's ``X-Forwarded-Proto`` and ``X-Forwarded-Host`` (None: it
+    #: sent none that can be one).
+    proto: str | None = None
+    host: bytes | None = None
 
 
 def parse_address(text: str) -> Address | None:
@@ -167,9 +177,36 @@ def identify(peer: str, headers: Headers, policy: IdentityPolicy) -> ClientIdent
         chain.append(client)
         if not policy.is_trusted(address):
             break
+    proto, host = _forwarded_proto_host(headers)
     return ClientIdentity(
-        peer=peer, client_ip=client, chain=tuple(reversed(chain)), trusted_peer=True
+        peer=peer,
+        client_ip=client,
+        chain=tuple(reversed(chain)),
+        trusted_peer=True,
+        proto=proto,
+        host=host,
     )
+
+
+_PROTOS = frozenset({"http", "https", "ws", "wss"})
+#: A host[:port] as ``Host`` may carry it (RFC 9110 §7.2): reg-name, IPv4 or a
+#: bracketed IPv6 literal, and an optional port.
+_AUTHORITY = re.compile(rb"(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._~%!$&'()*+;=-]+)(?::[0-9]{1,5})?")
+
+
+def _forwarded_proto_host(headers: Headers) -> tuple[str | None, bytes | None]:
+    """The first ``X-Forwarded-Proto`` and ``X-Forwarded-Host`` values (the first
+    element of a list: the hop nearest the client), when they can be what they say."""
+    proto: str | None = None
+    host: bytes | None = None
+    for name, value in headers:
+        if name == b"x-forwarded-proto" and proto is None:
+            first = value.split(b",", 1)[0].strip().lower().decode("latin-1")
+            proto = first if first in _PROTOS else ""
+        elif name == b"x-forwarded-host" and host is None:
+            first_host = value.split(b",", 1)[0].strip()
+            host = first_host if _AUTHORITY.fullmatch(first_host) else b""
+    return proto or None, host or None
 
 
 def client_ip(peer: str, headers: Headers, policy: IdentityPolicy) -> str:

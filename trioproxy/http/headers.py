@@ -291,6 +291,7 @@ def upstream_request_headers(
     via: bytes = b"1.1 trioproxy",
     x_forwarded: bool = True,
     edit: FieldEdit | None = None,
+    forwarded_host: bytes | None = None,
 ) -> Headers:
     """Build the fields the proxy sends upstream from the client's request fields.
 
@@ -309,6 +310,8 @@ def upstream_request_headers(
             ``Forwarded`` field, see ``trioproxy.edge.identity``, says it instead).
         edit: the route's request header rules, applied in the same pass (see
             the module docstring).
+        forwarded_host: the ``X-Forwarded-Host`` value instead of the client's
+            ``Host`` (what a trusted proxy in front said, ``trioproxy.edge.identity``).
 
     Returns:
         A new list: ``Host`` first, then the client's other forwardable fields
@@ -362,19 +365,21 @@ def upstream_request_headers(
         out[0] = (b"host", client_host)
     if client_addr.startswith("[") and client_addr.endswith("]"):
         client_addr = client_addr[1:-1]
+    if forwarded_host is None:
+        forwarded_host = client_host
     if x_forwarded:
         hop = client_addr.encode("ascii")
         out.append((b"x-forwarded-for", _extend_chain(forwarded_for, hop)))
         out.append((b"x-forwarded-proto", scheme.encode("ascii")))
-        if client_host is not None:
-            out.append((b"x-forwarded-host", client_host))
+        if forwarded_host is not None:
+            out.append((b"x-forwarded-host", forwarded_host))
     out.append((b"via", _extend_chain(via_chain, via)))
     out.append((b"x-request-id", request_id))
     if edit is not None:
         if placed is not None or rules.owned:
             # The proxy's own fields, appended just above: Via and X-Request-ID, and
             # X-Forwarded-For, -Proto (and -Host) unless they are off.
-            owned = 2 + ((3 if client_host is not None else 2) if x_forwarded else 0)
+            owned = 2 + ((3 if forwarded_host is not None else 2) if x_forwarded else 0)
             _finish_edit(out, len(out) - owned, edit, placed or set())
         else:  # the usual case, without a call
             out += sets.items()
