@@ -695,10 +695,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         config = worker_config(config, worker)
         log_format = worker.log_format()
         access.set_worker(worker.id)
-        if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        if directory := os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
             from trioproxy.observe.fleet import install_worker_values
 
-            install_worker_values()
+            install_worker_values(directory, worker.id)
     log_output.install(config.server.log_level, log_format)
     access.set_format(config.server.log_format)
     try:

@@ -133,7 +133,7 @@ class FrontExchange:
         """
         head = self._presented
         if metrics_path is not None and head.target.partition(b"?")[0] == metrics_path:
-            return metrics_answer(self._engine.observer)
+            return metrics_answer(self._engine.observer, fleet=True)
         snapshot = self._engine.snapshot
         route = (
             None if snapshot is None else snapshot.route_for(head.method, head.target, head.headers)

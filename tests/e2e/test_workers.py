@@ -112,6 +112,33 @@ async def test_requests_spread_over_both_workers_and_metrics_add_up(
     assert proxy.returncode == 0
 
 
+async def test_metrics_path_on_the_proxy_port_shows_the_whole_fleet(
+    nursery: trio.Nursery,
+) -> None:
+    """Whichever worker takes a scrape, it shows every worker's totals: one worker's
+    own counts, alternating between scrapes, would look like resets to rate()."""
+    upstream = await serve_asgi(upstream_app.app, nursery)
+    sent = 40
+    args = ("--workers", "2", "--upstream", upstream, "--metrics-path", "/metrics")
+    async with run_proxy(*args) as proxy:
+        for _ in range(sent):
+            assert await _get(proxy.host, proxy.port, "/") == (200, b"ok")
+        answered: set[str] = set()
+        for _ in range(12):  # fresh connections: both workers take some
+            status, body = await _get(proxy.host, proxy.port, "/metrics")
+            assert status == 200
+            scrape = parse(body.decode())
+            assert (
+                sum(scrape.matching("trioproxy_requests_total", route="default").values()) == sent
+            )
+            # The live gauges are the answering worker's own, labelled.
+            workers = {dict(key)["worker"] for key in scrape.matching("trioproxy_open_connections")}
+            assert len(workers) == 1
+            answered |= workers
+        assert answered == {"0", "1"}
+    assert proxy.returncode == 0
+
+
 async def test_workers_inherit_one_listening_socket_where_so_reuseport_is_missing(
     nursery: trio.Nursery,
 ) -> None:

@@ -17,7 +17,7 @@ from trioproxy.observe.fleet import fleet_exposition
 _WORKER = """
 import os, sys
 from trioproxy.observe.fleet import install_worker_values
-install_worker_values()
+install_worker_values(os.environ["PROMETHEUS_MULTIPROC_DIR"], 0)
 from trioproxy.engine import ExchangeLog
 from trioproxy.observe.metrics import Metrics
 metrics = Metrics()

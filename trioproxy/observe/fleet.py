@@ -33,6 +33,13 @@ installs :func:`install_worker_values`, the same value writing through to the sa
 file without them: 4.05 µs per exchange. Every increment still reaches the file at
 once, so a SIGKILL loses nothing.
 
+On the proxy's port (``[server] metrics_path``, a ``handler = "metrics"`` route) a
+worker answers for the whole fleet too (:func:`worker_exposition`): the summed
+counters and histograms, so that every scrape sees the same totals whichever
+worker takes it (one worker's own counts, alternating between scrapes, would
+look like counter resets to ``rate()``), and the live gauges of the worker that
+answered, with its ``worker`` label; the admin listener has every worker's.
+
 What multiprocess mode does not do: a series a reload dropped in a worker
 (a removed route) stays in the files, with its last values, until the
 supervisor restarts.
@@ -52,6 +59,10 @@ from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
 
 RELOADS = "trioproxy_config_reloads"
+
+#: (the multiprocess directory, this worker's number) in a worker process, set by
+#: :func:`install_worker_values`; None in any other process.
+_worker: tuple[str, int] | None = None
 
 #: The families :class:`~trioproxy.observe.metrics.LiveCollector` makes, shown per worker.
 LIVE_FAMILIES = frozenset(
@@ -135,13 +146,38 @@ def fleet_exposition(
     return generate_latest(registry)
 
 
-def install_worker_values() -> None:
+def worker_exposition(own: bytes) -> bytes | None:
+    """In a worker, what it answers on the proxy's port for ``/metrics`` (see the
+    module docstring), from ``own``, its own exposition; None in any other process.
+
+    Its config reloads are its own count: every worker takes each reload the
+    supervisor let through, and never sees a refused one.
+    """
+    if _worker is None:
+        return None
+    directory, worker = _worker
+    text = own.decode("utf-8", "replace")
+    reloads = {
+        sample.labels.get("result", ""): int(sample.value)
+        for family in text_string_to_metric_families(text)
+        if family.name == RELOADS
+        for sample in family.samples
+        if sample.name == RELOADS + "_total"
+    }
+    return fleet_exposition(directory, {worker: text}, reloads)
+
+
+def install_worker_values(directory: str, worker: int) -> None:
     """Make the metrics created from now on keep their values as a worker's should
-    (see "Cost" in the module docstring). Needs ``PROMETHEUS_MULTIPROC_DIR``.
+    (see "Cost" in the module docstring), in ``directory``
+    (``PROMETHEUS_MULTIPROC_DIR``), and this process answer ``/metrics`` on the
+    proxy's port for the whole fleet as worker ``worker``.
 
     Safe only in a process whose metrics one thread touches and that does not fork
     between creating a metric and using it: a worker process.
     """
+    global _worker
+    _worker = (directory, worker)
     base: Any = values.MultiProcessValue()  # type: ignore[no-untyped-call]
 
     class WorkerValue(base):  # type: ignore[misc]

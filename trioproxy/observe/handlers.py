@@ -20,6 +20,7 @@ from trioproxy.http.answers import TEXT, Answer
 from trioproxy.http.headers import get_first
 from trioproxy.http.protocol import RequestHead
 from trioproxy.http.transforms import format_process_time
+from trioproxy.observe.fleet import worker_exposition
 from trioproxy.observe.metrics import CONTENT_TYPE
 
 if TYPE_CHECKING:
@@ -29,10 +30,15 @@ if TYPE_CHECKING:
 JSON = b"application/json"
 
 
-def metrics_answer(observer: Observer | None) -> Answer:
+def metrics_answer(observer: Observer | None, *, fleet: bool = False) -> Answer:
+    """The engine's metrics; with ``fleet`` (the proxy's own port), in a worker,
+    every worker's counters summed (``trioproxy.observe.fleet.worker_exposition``)."""
     if observer is None:
         return Answer(404, [(b"content-type", TEXT)], b"metrics are off (server.metrics)\n")
-    return Answer(200, [(b"content-type", CONTENT_TYPE)], observer.metrics.exposition())
+    body = observer.metrics.exposition()
+    if fleet and (whole := worker_exposition(body)) is not None:
+        body = whole
+    return Answer(200, [(b"content-type", CONTENT_TYPE)], body)
 
 
 def health_answer(route: Route, now: float) -> Answer:
@@ -74,7 +80,7 @@ def handler_answer(
     """The answer of ``route``'s handler, with the response header rules applied."""
     handler = route.settings.handler
     if handler == "metrics":
-        answer = metrics_answer(observer)
+        answer = metrics_answer(observer, fleet=True)
     elif handler == "health":
         answer = health_answer(route, now)
     else:
