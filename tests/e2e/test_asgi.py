@@ -84,6 +84,18 @@ async def test_http2_over_tls_gets_the_same_bodies(upstream: str, tmp_path: Path
     assert echo_values(echo, "via") == ["2 trioproxy"]
 
 
+async def test_each_log_line_is_written_once(upstream: str) -> None:
+    """hypercorn's lines through its own handler only (here: stdout), the proxy's
+    through its own (stderr): neither through the other's as well."""
+    async with run_asgi_proxy("--upstream", upstream) as proxy:
+        async with httpx.AsyncClient() as client:
+            assert (await client.get(proxy.url + "/echo")).status_code == 200
+        err = await proxy.settled_stderr()
+    assert proxy.stdout().count("Running on") == 1
+    assert "Running on" not in err and "hypercorn" not in err, err
+    assert err.count('"GET /echo HTTP/1.1" 200') == 1, err
+
+
 async def test_a_bad_config_fails_the_lifespan_and_hypercorn_exits(tmp_path: Path) -> None:
     """The config is read at lifespan startup: an error stops the server (hypercorn
     exits non-zero), with the file, key and value in the message."""

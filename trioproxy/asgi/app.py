@@ -329,9 +329,11 @@ def install_logging(server: ServerSettings) -> None:
         OSError: the access log file cannot be opened for appending.
     """
     fmt = "%(asctime)s %(levelname)s %(name)s: %(message)s"
-    ours = not logging.getLogger().handlers
+    ours = not logging.getLogger().handlers and not logging.getLogger("trioproxy").handlers
     if ours:
-        log_output.install(server.log_level, fmt)
+        # The proxy's own loggers only: the server's (hypercorn.error...) have
+        # handlers of their own, and through the root they were written twice.
+        log_output.install(server.log_level, fmt, logger="trioproxy")
     access.set_format(server.log_format)
     if (ours or server.access_log is not None) and not logging.getLogger(
         "trioproxy.access"

@@ -133,8 +133,9 @@ class QueuedStderrHandler(logging.Handler):
             data = data[written:]
 
 
-def install(level: str, fmt: str) -> logging.Handler:
-    """Route the root logger to stderr through a :class:`QueuedStderrHandler`.
+def install(level: str, fmt: str, *, logger: str = "") -> logging.Handler:
+    """Route the root logger (or only ``logger``, which then stops propagating) to
+    stderr through a :class:`QueuedStderrHandler`.
 
     Falls back to a plain stream handler when stderr has no descriptor (e.g. under a
     test runner that replaced it).
@@ -147,7 +148,13 @@ def install(level: str, fmt: str) -> logging.Handler:
     else:
         handler = QueuedStderrHandler(fd)
     handler.setFormatter(logging.Formatter(fmt))
-    logging.basicConfig(level=level.upper(), handlers=[handler], force=True)
+    if not logger:
+        logging.basicConfig(level=level.upper(), handlers=[handler], force=True)
+        return handler
+    ours = logging.getLogger(logger)
+    ours.addHandler(handler)
+    ours.setLevel(level.upper())
+    ours.propagate = False
     return handler
 
 
