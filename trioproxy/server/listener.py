@@ -20,7 +20,6 @@ left is cancelled and closed.
 from __future__ import annotations
 
 import logging
-import os
 import signal
 import socket
 from collections.abc import Callable, Sequence
@@ -37,6 +36,7 @@ from trioproxy.engine import Engine
 from trioproxy.observe.observer import Observer
 from trioproxy.server.connection import ClientConnection, ServerState, peer_host
 from trioproxy.server.reuseport import as_listeners, bind_sockets
+from trioproxy.server.watch import watch_files
 from trioproxy.snapshot import build_snapshot
 from trioproxy.sockets import ACCEPT_BATCH, CAPACITY_ERRNOS, FastSocketStream, ReadyAcceptor
 
@@ -164,7 +164,8 @@ class ProxyServer:
                 await self.edge.activate(self.snapshot.edge)
                 await self.engine.activate(self.snapshot)
                 if self._watch and self._load is not None:
-                    root.start_soon(self._watch_files)
+                    changed = "config file changed, reloading"
+                    root.start_soon(watch_files, self._watched, self.reload, changed)
                 if server.admin is not None:
                     admin = await root.start(
                         serve_admin,
@@ -362,24 +363,9 @@ class ProxyServer:
             else:
                 log.info("TLS certificates reloaded")
 
-    async def _watch_files(self) -> None:
-        """Reload when a watched file changes (polled each second; a burst of
-        writes is taken as one change once the files stay still for 0.5 s)."""
-        seen = _stamps(self._watch)
-        while True:
-            await trio.sleep(1.0)
-            stamps = _stamps(self._watch)
-            if stamps == seen:
-                continue
-            while True:  # debounce: an editor writes in several steps
-                await trio.sleep(0.5)
-                settled = _stamps(self._watch)
-                if settled == stamps:
-                    break
-                stamps = settled
-            seen = stamps
-            log.info("config file changed, reloading")
-            await self.reload()
+    def _watched(self) -> Sequence[str]:
+        """The files ``--watch`` polls."""
+        return self._watch
 
     async def _watch_signals(
         self,
@@ -413,19 +399,6 @@ class ProxyServer:
 def _observing(server: ServerSettings) -> tuple[object, ...]:
     """The ``[server]`` keys of metrics and logs that a reload cannot change."""
     return (server.metrics, server.metrics_buckets, server.log_format, server.access_log)
-
-
-def _stamps(paths: Sequence[str]) -> list[tuple[int, int] | None]:
-    """(mtime in ns, size) of each file; None for one that cannot be read now."""
-    stamps: list[tuple[int, int] | None] = []
-    for path in paths:
-        try:
-            status = os.stat(path)
-        except OSError:
-            stamps.append(None)
-        else:
-            stamps.append((status.st_mtime_ns, status.st_size))
-    return stamps
 
 
 def _address(listener: trio.SocketListener) -> tuple[str, int]:

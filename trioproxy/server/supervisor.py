@@ -69,8 +69,9 @@ from trioproxy.config.errors import ConfigError
 from trioproxy.config.model import Config
 from trioproxy.observe.fleet import fleet_exposition
 from trioproxy.observe.metrics import CONTENT_TYPE
-from trioproxy.server.listener import _stamps, format_url
+from trioproxy.server.listener import format_url
 from trioproxy.server.reuseport import bind_sockets, reuse_port_supported
+from trioproxy.server.watch import watch_files
 from trioproxy.server.worker import WorkerSettings
 from trioproxy.snapshot import build_snapshot
 
@@ -206,7 +207,8 @@ class Supervisor:
                 self._nursery = nursery
                 await nursery.start(self._watch_signals)
                 if self._watch:
-                    nursery.start_soon(self._watch_files)
+                    changed = "config file changed, checking it"
+                    nursery.start_soon(watch_files, self._watched, self.reload, changed)
                 if not await self._serve_admin(nursery):
                     nursery.cancel_scope.cancel()
                     return 1
@@ -463,23 +465,9 @@ class Supervisor:
             self._signal_workers(signal.SIGHUP)
             return True
 
-    async def _watch_files(self) -> None:
-        """As ``ProxyServer._watch_files``: poll each second, debounce, reload."""
-        seen = _stamps(self._watch)
-        while True:
-            await trio.sleep(1.0)
-            stamps = _stamps(self._watch)
-            if stamps == seen:
-                continue
-            while True:
-                await trio.sleep(0.5)
-                settled = _stamps(self._watch)
-                if settled == stamps:
-                    break
-                stamps = settled
-            seen = stamps
-            log.info("config file changed, checking it")
-            await self.reload()
+    def _watched(self) -> Sequence[str]:
+        """The files ``--watch`` polls."""
+        return self._watch
 
     # --- one view -------------------------------------------------------------------
 
