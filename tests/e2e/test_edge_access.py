@@ -222,14 +222,16 @@ async def test_allow_deny_and_api_keys(
     assert sum(" 403 " in line for line in statuses) == 2, statuses
 
 
-async def test_keys_reload_on_sighup(
-    tmp_path: Path, upstream: str, http_client: httpx.AsyncClient
+@pytest.mark.parametrize("how", ["sighup", "watch"])
+async def test_keys_reload_on_sighup_and_with_watch(
+    tmp_path: Path, upstream: str, http_client: httpx.AsyncClient, how: str
 ) -> None:
     keys = tmp_path / "keys.txt"
     keys.write_text("old-key-1\n")
     config = write_config(tmp_path, ACCESS.format(upstream=upstream, canned=upstream))
     env = {"EDGE_TEST_KEYS": "x"}
-    async with run_proxy("--config", config, env=env) as proxy:
+    watch = ["--watch"] if how == "watch" else []
+    async with run_proxy("--config", config, *watch, env=env) as proxy:
 
         async def passes(key: str) -> bool:
             # upstream_app answers 404 for /keyed: passing the gate is all that counts.
@@ -240,8 +242,9 @@ async def test_keys_reload_on_sighup(
             return response.status_code == 404
 
         assert (await passes("old-key-1"), await passes("new-key-2")) == (True, False)
-        keys.write_text("new-key-2\n")
-        proxy.process.send_signal(signal.SIGHUP)
+        keys.write_text("new-key-2\n")  # (the config file itself is not touched)
+        if how == "sighup":
+            proxy.process.send_signal(signal.SIGHUP)
         with trio.fail_after(10):
             await proxy.wait_for_stderr("config reloaded")
         assert (await passes("old-key-1"), await passes("new-key-2")) == (False, True)

@@ -332,9 +332,12 @@ async def test_plain_http_and_stalled_handshakes_are_cut_while_others_are_served
     assert log.count("not finished within the header timeout") == 2, log
 
 
-async def test_certificates_reload_on_sighup_without_dropping_connections(
-    tmp_path: Path, upstream: str
+@pytest.mark.parametrize("how", ["sighup", "watch"])
+async def test_certificates_reload_without_dropping_connections(
+    tmp_path: Path, upstream: str, how: str
 ) -> None:
+    """On SIGHUP, and with ``--watch`` when the certificate files change (a renewal
+    by certbot or cert-manager), the config file itself untouched."""
     first_ca, second_ca = trustme.CA(), trustme.CA()
     write_pair(first_ca.issue_cert("127.0.0.1"), tmp_path, "site")
     config = tmp_path / "tls.toml"
@@ -342,11 +345,14 @@ async def test_certificates_reload_on_sighup_without_dropping_connections(
         f'[server.tls]\ncert = "site.pem"\nkey = "site.key"\n'
         f'[upstreams.default]\nservers = ["{upstream}"]\n'
     )
-    async with run_proxy("--config", str(config)) as proxy:
+    watch = ["--watch"] if how == "watch" else []
+    # (Run from the repository's root: the files are found next to the config.)
+    async with run_proxy("--config", str(config), *watch) as proxy:
         kept = await tls_connect(proxy.port, first_ca)
         assert (await get_on(kept, "/")).startswith(b"HTTP/1.1 200")
         write_pair(second_ca.issue_cert("127.0.0.1"), tmp_path, "site")
-        proxy.process.send_signal(signal.SIGHUP)
+        if how == "sighup":
+            proxy.process.send_signal(signal.SIGHUP)
         with trio.fail_after(10):
             await proxy.wait_for_stderr("TLS certificates reloaded")
         # The connection made before keeps working...

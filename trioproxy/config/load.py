@@ -740,6 +740,7 @@ def _auth(b: _Builder, path: Path_) -> AuthSpec | None:
             line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")
         ]
         where = f"{v.show(fields['api_keys_file'])} holds"
+        fields["api_keys_file"] = name  # resolved, as the TLS files are (--watch stats it)
     elif "api_keys_env" in fields:
         variable = fields["api_keys_env"]
         raw = b.environ.get(variable)

@@ -295,6 +295,7 @@ class AuthSpec:
 
     #: Where the keys came from: a file (one key per line) or an environment
     #: variable (keys separated by commas); the loader reads them into ``keys``.
+    #: Resolved against the config file's directory.
     api_keys_file: str | None = None
     api_keys_env: str | None = None
     #: The request field that carries the key (lower-case); None: Authorization: Bearer.
@@ -360,3 +361,18 @@ class Config:
 
     def servers(self) -> int:
         return sum(len(group.servers) for group in self.upstreams.values())
+
+    def files_read(self) -> tuple[str, ...]:
+        """The files besides its own that a reload reads again: the TLS certificates
+        and keys (``[server.tls]``, its ``sni`` entries) and the routes' API key
+        files. ``--watch`` polls them too."""
+        paths: list[str] = []
+        tls = self.server.tls
+        if tls is not None:
+            paths += [tls.cert, tls.key]
+            for entry in tls.sni:
+                paths += [entry.cert, entry.key]
+        for route in self.routes:
+            if route.auth is not None and route.auth.api_keys_file is not None:
+                paths.append(route.auth.api_keys_file)
+        return tuple(dict.fromkeys(paths))

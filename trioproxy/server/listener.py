@@ -364,8 +364,9 @@ class ProxyServer:
                 log.info("TLS certificates reloaded")
 
     def _watched(self) -> Sequence[str]:
-        """The files ``--watch`` polls."""
-        return self._watch
+        """The files ``--watch`` polls: the config's own (and ``.env``), and those the
+        config names (certificates, API key files: ``Config.files_read``)."""
+        return (*self._watch, *self.config.files_read())
 
     async def _watch_signals(
         self,

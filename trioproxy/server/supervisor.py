@@ -466,8 +466,8 @@ class Supervisor:
             return True
 
     def _watched(self) -> Sequence[str]:
-        """The files ``--watch`` polls."""
-        return self._watch
+        """The files ``--watch`` polls (as ``ProxyServer._watched``)."""
+        return (*self._watch, *self.config.files_read())
 
     # --- one view -------------------------------------------------------------------
 
