@@ -292,15 +292,15 @@ def test_custom_ready_made_instance_is_used_as_is() -> None:
 @pytest.mark.parametrize(
     ("spec", "expected"),
     [
-        ("no_such_module_xyz:Thing", "no module named 'no_such_module_xyz'"),
-        ("balance.no_such_module:Thing", "no module named 'balance.no_such_module'"),
-        (f"{EXAMPLE}:Missing", f"module '{EXAMPLE}' has no attribute 'Missing'"),
+        ("no_such_module_xyz:Thing", "no module named no_such_module_xyz"),
+        ("balance.no_such_module:Thing", "no module named balance.no_such_module"),
+        (f"{EXAMPLE}:Missing", f"module {EXAMPLE} has no attribute Missing"),
         (f"{EXAMPLE}:NoPick", "NoPick has no callable pick(candidates, request)"),
         (f"{EXAMPLE}:PickNotCallable", "has no callable pick"),
         (f"{EXAMPLE}:NeedsArguments", "NeedsArguments() needs arguments"),
         (f"{EXAMPLE}:PickWithoutRequest", "pick must accept (candidates, request)"),
-        (f"{EXAMPLE}:", "expected package.module:Name"),
-        (":LastOne", "expected package.module:Name"),
+        (f"{EXAMPLE}:", 'expected "package.module:Name"'),
+        (":LastOne", 'expected "package.module:Name"'),
     ],
 )
 def test_custom_strategy_errors_are_one_line(spec: str, expected: str) -> None:
@@ -328,5 +328,20 @@ def test_custom_module_with_a_missing_dependency_says_which(
     )
     monkeypatch.syspath_prepend(str(tmp_path))
     monkeypatch.delitem(sys.modules, "broken_strategy_mod", raising=False)
-    with pytest.raises(ValueError, match=r"importing 'broken_strategy_mod' failed.*not_installed"):
+    with pytest.raises(ValueError, match=r"importing broken_strategy_mod failed.*not_installed"):
         load_strategy("broken_strategy_mod:S")
+
+
+def test_custom_module_that_raises_on_import_is_one_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Its code runs at import: whatever it raises is a config error, not a traceback."""
+    (tmp_path / "raising_strategy_mod.py").write_text("raise RuntimeError('no database')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "raising_strategy_mod", raising=False)
+    with pytest.raises(ValueError) as caught:
+        load_strategy("raising_strategy_mod:S")
+    assert str(caught.value) == (
+        "custom strategy 'raising_strategy_mod:S': importing raising_strategy_mod failed: "
+        "RuntimeError: no database"
+    )

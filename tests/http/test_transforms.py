@@ -658,11 +658,13 @@ def test_module_failing_to_import_is_a_config_error(module_dir: Path) -> None:
     write_module(module_dir, "tp_body_broken", "raise RuntimeError('no database')\n")
     write_module(module_dir, "tp_body_dep", "import tp_absent_dependency_xyz\n")
     assert load_error("tp_body_broken:f") == (
-        "routes.r.body_transform: importing tp_body_broken failed: RuntimeError: no database"
+        "routes.r.body_transform: importing tp_body_broken failed: RuntimeError: no database, "
+        'got "tp_body_broken:f"'
     )
     assert load_error("tp_body_dep:f") == (
         "routes.r.body_transform: importing tp_body_dep failed: "
-        "No module named 'tp_absent_dependency_xyz'"
+        "No module named 'tp_absent_dependency_xyz', "
+        'got "tp_body_dep:f"'
     )
 
 

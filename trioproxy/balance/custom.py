@@ -36,9 +36,10 @@ working directory).
 
 from __future__ import annotations
 
-import importlib
 import inspect
 from typing import TYPE_CHECKING, cast
+
+from trioproxy.references import BadReference, import_reference
 
 if TYPE_CHECKING:
     from trioproxy.balance.strategies import Strategy
@@ -55,31 +56,12 @@ def load_strategy(spec: str) -> Strategy:
             has no callable ``pick(candidates, request)``. The one-line message
             names the spec and what is wrong.
     """
-    module_name, sep, attr_path = spec.strip().partition(":")
-    if not sep or not module_name or not attr_path:
-        raise ValueError(f"custom strategy {spec!r}: expected package.module:Name")
+    spec = spec.strip()
     try:
-        module = importlib.import_module(module_name)
-    except ModuleNotFoundError as exc:
-        missing = exc.name or ""
-        if module_name == missing or module_name.startswith(missing + "."):
-            raise ValueError(f"custom strategy {spec!r}: no module named {missing!r}") from None
-        raise ValueError(
-            f"custom strategy {spec!r}: importing {module_name!r} failed: {exc}"
-        ) from None
-    except ImportError as exc:
-        raise ValueError(
-            f"custom strategy {spec!r}: importing {module_name!r} failed: {exc}"
-        ) from None
-
-    obj: object = module
-    for part in attr_path.split("."):
-        try:
-            obj = getattr(obj, part)
-        except AttributeError:
-            raise ValueError(
-                f"custom strategy {spec!r}: module {module_name!r} has no attribute {attr_path!r}"
-            ) from None
+        obj = import_reference(spec, "Name")
+    except BadReference as exc:
+        raise ValueError(f"custom strategy {spec!r}: {exc}") from exc
+    attr_path = spec.partition(":")[2]
 
     if isinstance(obj, type) or (callable(obj) and not hasattr(obj, "pick")):
         try:

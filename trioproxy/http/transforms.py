@@ -69,7 +69,6 @@ Body transform (``body_transform = "package.module:function"``)
 
 from __future__ import annotations
 
-import importlib
 import inspect
 import re
 from collections.abc import Awaitable, Callable, Mapping
@@ -83,6 +82,7 @@ from trioproxy.errors import ProxyError
 from trioproxy.http.headers import HOP_BY_HOP, FieldEdit, FieldRules
 from trioproxy.http.protocol import Headers
 from trioproxy.http.syntax import field_value_problem, is_token, key, path_problem, quoted
+from trioproxy.references import BadReference, import_reference
 
 __all__ = [
     "REQUEST_PLACEHOLDERS",
@@ -689,8 +689,6 @@ def compile_header_rules(rules: HeaderRules, key_path: str) -> HeaderRuleSet:
 #: ``(body, content_type) -> bytes``, or an awaitable of it.
 BodyTransform: TypeAlias = Callable[[bytes, str], bytes | Awaitable[bytes]]
 
-_SPEC: Final = re.compile(r"[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*:[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*")
-
 
 class BodyTransformError(ProxyError):
     """A body transform raised or returned something other than bytes."""
@@ -714,28 +712,10 @@ def load_body_transform(spec: str, key_path: str) -> BodyTransform:
             a module that is missing or fails to import, a missing attribute,
             something not callable or not taking ``(body, content_type)``.
     """
-    if not _SPEC.fullmatch(spec):
-        raise ConfigError(f'{key_path}: expected "package.module:function", got {quoted(spec)}')
-    module_name, _, attribute = spec.partition(":")
     try:
-        module = importlib.import_module(module_name)
-    except ModuleNotFoundError as exc:
-        missing = exc.name or module_name
-        if module_name == missing or module_name.startswith(missing + "."):
-            raise ConfigError(f"{key_path}: no module named {missing}, got {quoted(spec)}") from exc
-        raise ConfigError(f"{key_path}: importing {module_name} failed: {exc}") from exc
-    except Exception as exc:  # importing runs user code; whatever it raised is the config's fault
-        raise ConfigError(
-            f"{key_path}: importing {module_name} failed: {type(exc).__name__}: {exc}"
-        ) from exc
-    found: object = module
-    for part in attribute.split("."):
-        try:
-            found = getattr(found, part)
-        except AttributeError:
-            raise ConfigError(
-                f"{key_path}: module {module_name} has no attribute {attribute}, got {quoted(spec)}"
-            ) from None
+        found = import_reference(spec, "function")
+    except BadReference as exc:
+        raise ConfigError(f"{key_path}: {exc}, got {quoted(spec)}") from exc
     if not callable(found):
         raise ConfigError(f"{key_path}: {spec} is a {type(found).__name__}, not a function")
     try:
