@@ -64,6 +64,9 @@ _OWS = b" \t"
 #: head for the rest to bypass llhttp: the parser is replaced at the end of such
 #: a body (a few µs), worth it only when it saves copying more than a little.
 PASS_THROUGH_MIN = 16384
+# ``_Base._length`` when it is not a Content-Length.
+_NO_PASS = -1
+_UNREAD = -2
 
 
 def _request_parser(protocol: object) -> httptools.HttpRequestParser:
@@ -184,11 +187,11 @@ class _Base:
         # A parse error is raised by next_event once the events before it are
         # delivered, as h11 does: receive_data never raises.
         self._error: Exception | None = None
-        # The body of the message being parsed: its Content-Length when the rest
-        # of it may bypass llhttp (-1: it may not), the bytes llhttp parsed of it,
-        # and (once it bypasses llhttp) the bytes still to come.
-        self._length = -1
-        self._body_parsed = 0
+        # Whether the rest of the body of the head just parsed may bypass llhttp:
+        # its Content-Length, _UNREAD (the head's fields say: read them only when
+        # the body did not come whole with its head) or _NO_PASS. Decided once,
+        # after the feed that ended the head. Then the bytes of it still to come.
+        self._length = _NO_PASS
         self._pass_left = 0
 
     # -- llhttp callbacks shared by both roles --------------------------------
@@ -198,14 +201,11 @@ class _Base:
         self._message_open = True
         self._head_bytes = 0
         self._headers = []
-        self._length = -1
-        self._body_parsed = 0
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self._headers.append((name.lower(), value.rstrip(_OWS)))
 
     def on_body(self, body: bytes) -> None:
-        self._body_parsed += len(body)
         self._events.append(Body(body))
 
     def on_message_complete(self) -> None:
@@ -254,12 +254,24 @@ class _Base:
             self._error = exc
 
     def _bypass_rest_of_body(self) -> None:
-        """After a feed: if llhttp stopped in a body of known length with enough of
-        it still to come, the rest bypasses llhttp (:meth:`_pass_through`)."""
-        if self._length >= 0 and self._message_open and not self._in_head:
-            left = self._length - self._body_parsed
-            if left >= PASS_THROUGH_MIN and self._error is None:
-                self._pass_left = left
+        """After the feed that ended a head: if llhttp stopped in its body, of known
+        length, with enough of it still to come, the rest bypasses llhttp
+        (:meth:`_pass_through`). (A later feed would have less left: asked once.)"""
+        length, self._length = self._length, _NO_PASS
+        if not self._message_open or self._in_head or self._error is not None:
+            return
+        if length == _UNREAD:
+            length = _declared_length(self._headers)
+        if length < PASS_THROUGH_MIN:
+            return
+        # The body parsed so far is in the events queued after its head.
+        parsed = 0
+        for event in reversed(self._events):
+            if type(event) is not Body:
+                break
+            parsed += len(event.data)
+        if length - parsed >= PASS_THROUGH_MIN:
+            self._pass_left = length - parsed
 
     def _pass_through(self, data: bytes | bytearray) -> None:
         """Body bytes of a known length, passed on as they came: llhttp would copy
@@ -379,7 +391,6 @@ class HttptoolsServer(_Base):
         self._first_line: bytearray | None = None
         # An Upgrade request's body is passing through: what follows it is the tail.
         self._upgrade_after_body = False
-        self._chunked_upgrade = False
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
@@ -395,25 +406,17 @@ class HttptoolsServer(_Base):
         version = parser.get_http_version().encode("ascii")
         check_request_head(parser.get_method(), self._url, version, headers, self._max_head_size)
         expect = False
-        chunked = False
-        length = -1
         for name, value in headers:
-            if name == b"transfer-encoding":
-                if value.lower() != b"chunked":
-                    raise ProtocolError("unsupported Transfer-Encoding", status=501)
-                chunked = True
-            elif name == b"content-length":
-                length = int(value) if value.isdigit() else -1  # (llhttp checked it)
-            elif name == b"expect" and value.lower() == b"100-continue":
+            if name == b"transfer-encoding" and value.lower() != b"chunked":
+                raise ProtocolError("unsupported Transfer-Encoding", status=501)
+            if name == b"expect" and value.lower() == b"100-continue":
                 expect = True
         self._head_meta.append((parser.should_keep_alive(), expect))
         method = parser.get_method()
         self._events.append(
             RequestHead(method=method, target=self._url, headers=headers, http_version=version)
         )
-        if method != b"CONNECT":
-            self._length = length
-            self._chunked_upgrade = chunked and parser.should_upgrade()
+        self._length = _NO_PASS if method == b"CONNECT" else _UNREAD
 
     def _head_too_large(self) -> None:
         raise ProtocolError("request head too large", status=431)
@@ -450,7 +453,11 @@ class HttptoolsServer(_Base):
         else:
             if self._first_line is not None:
                 self._first_line = None
-            self._bypass_rest_of_body()
+            if self._length != _NO_PASS:
+                if self._message_open:
+                    self._bypass_rest_of_body()
+                else:  # the usual case: the message came whole
+                    self._length = _NO_PASS
 
     def _new_parser(self) -> httptools.HttpRequestParser:
         return _request_parser(self)
@@ -461,8 +468,9 @@ class HttptoolsServer(_Base):
         comes after the whole request): one of known length is taken here
         (:meth:`_pass_through`), and only what follows it is the tail. llhttp
         cannot be made to parse a chunked one, which is refused (400)."""
-        if self._chunked_upgrade:
-            self._chunked_upgrade = False
+        self._length = _NO_PASS
+        length, chunked = _framing_received(self._headers)
+        if chunked:
             # Its head (and the end llhttp gave it) is not delivered: refused instead.
             if len(self._events) >= 2 and self._events[-1] is END_OF_MESSAGE:
                 self._events.pop()
@@ -471,12 +479,12 @@ class HttptoolsServer(_Base):
                 self._peer_complete -= 1
             self._error = ProtocolError("an Upgrade request with a chunked body", status=400)
             return
-        if self._length > 0 and self._events and self._events[-1] is END_OF_MESSAGE:
+        if length and length > 0 and self._events and self._events[-1] is END_OF_MESSAGE:
             self._events.pop()
             self._peer_complete -= 1
             self._message_open = True
             self._parser = self._new_parser()
-            self._pass_left = self._length
+            self._pass_left = length
             self._upgrade_after_body = True
             if rest:
                 self._pass_through(rest)
@@ -642,6 +650,8 @@ class HttptoolsClient(_Base):
         self._close_delimited = length is None and not chunked and status not in _NO_BODY_STATUSES
         if length is not None and not chunked and status != 101 and status not in _NO_BODY_STATUSES:
             self._length = length
+        else:
+            self._length = _NO_PASS
 
     def on_message_complete(self) -> None:
         if self._informational:
@@ -678,7 +688,11 @@ class HttptoolsClient(_Base):
             if data[-4:] != b"\r\n\r\n":
                 self._keep_alive = False
             return
-        self._bypass_rest_of_body()
+        if self._length != _NO_PASS:
+            if self._message_open:
+                self._bypass_rest_of_body()
+            else:  # the usual case: the message came whole
+                self._length = _NO_PASS
 
     def _new_parser(self) -> httptools.HttpResponseParser:
         return httptools.HttpResponseParser(self)
@@ -714,6 +728,12 @@ class HttptoolsClient(_Base):
         if self._stopped_at_head:
             self._parser = httptools.HttpResponseParser(self)
             self._stopped_at_head = False
+
+
+def _declared_length(headers: Headers) -> int:
+    """The Content-Length of a message without Transfer-Encoding, else -1."""
+    length, chunked = _framing_received(headers)
+    return -1 if length is None or chunked else length
 
 
 def _framing_received(headers: Headers) -> tuple[int | None, bool]:
