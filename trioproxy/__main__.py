@@ -148,7 +148,8 @@ def build_parser() -> argparse.ArgumentParser:
     files.add_argument(
         "--watch",
         action="store_true",
-        help="reload on file change (needs a config file)",
+        help="reload on file change: the config file, .env, or a file the config names "
+        "(TLS certificates and keys, API key files); needs a config file",
     )
 
     parser.add_argument(
