@@ -93,7 +93,7 @@ from trioproxy.relay_hub import ClientSink, HubStream, StreamHub
 from trioproxy.relay_hub import supported as hub_supported
 from trioproxy.snapshot import Route, Snapshot
 from trioproxy.sockets import FastSocketStream
-from trioproxy.upstream.connection import UpstreamConnection
+from trioproxy.upstream.connection import SLOW_CLIENT_WRITE, UpstreamConnection
 from trioproxy.upstream.origin import Origin
 from trioproxy.upstream.websocket import (
     HANDSHAKE_FIELDS,
@@ -982,7 +982,10 @@ class Engine:
         and a context manager, so it moves only when the slack is used up (once
         per ``read_timeout / 16`` of a busy stream, not once per chunk). A write
         to the client that takes no byte for as long counts against the client
-        (it is cut, as nginx's ``send_timeout`` does), not the upstream.
+        (it is cut, as nginx's ``send_timeout`` does), not the upstream. A write that
+        takes over ``SLOW_CLIENT_WRITE`` keeps the reads of the rest of the body at
+        their smallest (``UpstreamConnection.client_is_slow``): a client that does
+        not keep up holds 64 KiB of the proxy's memory while it catches up, not 256.
 
         A *stream* goes to the stream hub (``self.hub``) the first time relaying
         it has to wait for the upstream: a body without a Content-Length, both
@@ -1032,8 +1035,10 @@ class Engine:
                     sending = True
                     await downstream.send_parts(None, chunks, end)
                     sending = False
-                    if (now := self.current_time()) + timeout > deadline:
-                        reading.deadline = deadline = now + timeout + slack
+                    if (after := self.current_time()) - now > SLOW_CLIENT_WRITE:
+                        conn.client_is_slow()
+                    if after + timeout > deadline:
+                        reading.deadline = deadline = after + timeout + slack
         except UpstreamError as exc:
             raise UpstreamBrokenMidBody(f"{conn.origin}: {exc.detail}") from None
         if reading.cancelled_caught:

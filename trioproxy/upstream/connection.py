@@ -34,6 +34,10 @@ READ_SIZE = 65536
 #: and more: the allocator hands such buffers back to the kernel, and page faults
 #: eat the gain.
 MAX_READ_SIZE = 262144
+#: A write to the client that takes longer than this makes the reads of the rest
+#: of the exchange stay at ``READ_SIZE``: a client that does not keep up holds one
+#: read of the proxy's memory while it catches up, and the smallest one will do.
+SLOW_CLIENT_WRITE = 0.005
 
 #: Opens the byte stream to an origin (TLS is layered on top by the caller).
 Connector = Callable[[Origin], Awaitable[trio.abc.Stream]]
@@ -52,6 +56,7 @@ class UpstreamConnection:
     """
 
     __slots__ = (
+        "_max_read",
         "_read_size",
         "clean",
         "exchanges",
@@ -71,6 +76,7 @@ class UpstreamConnection:
         self.idle_since = 0.0
         self.received = 0  # bytes received in the current exchange
         self._read_size = READ_SIZE
+        self._max_read = MAX_READ_SIZE
 
     @property
     def reused(self) -> bool:
@@ -142,10 +148,21 @@ class UpstreamConnection:
             raise UpstreamClosed(f"reading from {self.origin}: {exc!r}") from None
         self._took(data, protocol)
 
+    def start_exchange(self) -> None:
+        """A new exchange on this connection: counts and read sizes start afresh."""
+        self.clean = False
+        self.received = 0
+        self._max_read = MAX_READ_SIZE
+
+    def client_is_slow(self) -> None:
+        """The client took longer than ``SLOW_CLIENT_WRITE`` for a write: the reads
+        of the rest of this exchange stay at ``READ_SIZE``."""
+        self._read_size = self._max_read = READ_SIZE
+
     def _took(self, data: bytes | bytearray, protocol: ClientProtocol) -> None:
         size = self._read_size
         if len(data) == size:
-            if size < MAX_READ_SIZE:
+            if size < self._max_read:
                 self._read_size = size * 2
         elif size > READ_SIZE:
             self._read_size = READ_SIZE

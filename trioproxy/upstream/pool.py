@@ -152,8 +152,7 @@ class UpstreamPool:
         except BaseException:
             pool.limiter.release()
             raise
-        conn.clean = False
-        conn.received = 0
+        conn.start_exchange()
         return conn
 
     async def _release(self, pool: _OriginPool, conn: UpstreamConnection) -> None:
