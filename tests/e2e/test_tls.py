@@ -184,6 +184,11 @@ async def tls_connect(
 async def get_on(stream: trio.abc.Stream, path: str, host: str = "127.0.0.1") -> bytes:
     """One keep-alive GET on ``stream``; the response head and body (Content-Length)."""
     await stream.send_all(f"GET {path} HTTP/1.1\r\nHost: {host}\r\n\r\n".encode())
+    return await get_on_answer(stream)
+
+
+async def get_on_answer(stream: trio.abc.Stream) -> bytes:
+    """The next response on ``stream`` (a Content-Length body)."""
     data = b""
     while b"\r\n\r\n" not in data:
         chunk = await stream.receive_some(65536)
@@ -498,20 +503,6 @@ async def test_large_bodies_both_ways_over_tls_with_a_slow_reader(
         }
         assert (await get_on(stream, "/")).startswith(b"HTTP/1.1 200")
         await stream.aclose()
-
-
-async def get_on_answer(stream: trio.abc.Stream) -> bytes:
-    """The next response on ``stream`` (a Content-Length body)."""
-    data = b""
-    while b"\r\n\r\n" not in data:
-        chunk = await stream.receive_some(65536)
-        assert chunk, data
-        data += chunk
-    head, _, body = data.partition(b"\r\n\r\n")
-    length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
-    while len(body) < length:
-        body += await stream.receive_some(65536)
-    return head + b"\r\n\r\n" + body
 
 
 async def test_a_close_delimited_body_ends_with_close_notify(
