@@ -25,8 +25,9 @@ import trio
 
 from trioproxy.engine import Engine
 from trioproxy.errors import ProxyError
+from trioproxy.http.first_head import read_request_head
 from trioproxy.http.h11_impl import H11Server
-from trioproxy.http.protocol import NEED_DATA, RequestHead, ResponseHead
+from trioproxy.http.protocol import RequestHead, ResponseHead
 from trioproxy.observe.handlers import metrics_answer
 
 log = logging.getLogger("trioproxy.admin")
@@ -118,17 +119,9 @@ async def _serve_one(app: Responder, stream: trio.SocketStream) -> None:
     head: RequestHead | None = None
     with trio.move_on_after(_READ_TIMEOUT):
         try:
-            while head is None:
-                event = protocol.next_event()
-                if event is NEED_DATA:
-                    data = await stream.receive_some(8192)
-                    protocol.receive_data(data)
-                    if not data:
-                        return
-                elif isinstance(event, RequestHead):
-                    head = event
-                else:
-                    return
+            head = await read_request_head(stream, protocol, 8192)
+            if head is None:
+                return
         except ProxyError as exc:
             status, content_type, body = exc.status, b"text/plain", f"{exc.reason}\n".encode()
             head = None

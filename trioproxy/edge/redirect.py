@@ -19,8 +19,9 @@ import trio
 
 from trioproxy.errors import ProtocolError, ProxyError
 from trioproxy.http.answers import TEXT, Answer, error_answer, framed
+from trioproxy.http.first_head import read_request_head
 from trioproxy.http.headers import get_first
-from trioproxy.http.protocol import NEED_DATA, RequestHead, ResponseHead, ServerProtocol
+from trioproxy.http.protocol import RequestHead, ResponseHead, ServerProtocol
 
 log = logging.getLogger("trioproxy.tls")
 
@@ -60,17 +61,9 @@ async def serve_redirect(
     answer: Answer | None = None
     with trio.move_on_after(header_timeout):
         try:
-            while head is None:
-                event = protocol.next_event()
-                if event is NEED_DATA:
-                    data = await stream.receive_some(65536)
-                    protocol.receive_data(data)
-                    if not data:
-                        return
-                elif type(event) is RequestHead:
-                    head = event
-                else:
-                    return
+            head = await read_request_head(stream, protocol, 65536)
+            if head is None:
+                return
         except ProxyError as exc:  # a ProtocolError: malformed, too large
             answer = error_answer(exc)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
