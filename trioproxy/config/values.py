@@ -494,7 +494,29 @@ def parse_target(text: str) -> TargetSpec:
     return TargetSpec(url=url, **values)  # type: ignore[arg-type]
 
 
-_SERVER_KEYS = ("url", "weight", "max_inflight", "health_path")
+def _unknown_keys(table: dict[str, Any], known: Sequence[str]) -> list[tuple[str, str]]:
+    """A problem for each key of an inline table that is not one of ``known``."""
+    return [
+        (f".{_key(key)}", "unknown key" + did_you_mean(key, known))
+        for key in table
+        if key not in known
+    ]
+
+
+def _inline_table(
+    table: dict[str, Any], checks: dict[str, Convert]
+) -> tuple[dict[str, Any], list[tuple[str, str]]]:
+    """An inline table's values, each key that is there checked by its ``checks``
+    entry: (the values, the problems: unknown keys, then bad values)."""
+    problems = _unknown_keys(table, list(checks))
+    fields: dict[str, Any] = {}
+    for key, check in checks.items():
+        if key in table:
+            try:
+                fields[key] = check(table[key])
+            except Invalid as exc:
+                problems.extend((f".{key}", reason) for _, reason in exc.problems)
+    return fields, problems
 
 
 def server(value: object) -> TargetSpec:
@@ -506,23 +528,7 @@ def server(value: object) -> TargetSpec:
         except ConfigError as exc:
             raise Invalid(str(exc)) from None
     table = _table(value)
-    problems: list[tuple[str, str]] = []
-    for key in table:
-        if key not in _SERVER_KEYS:
-            problems.append((f".{_key(key)}", "unknown key" + did_you_mean(key, _SERVER_KEYS)))
-    fields: dict[str, Any] = {}
-    checks: dict[str, Convert] = {
-        "url": _upstream_url,
-        "weight": positive_count,
-        "max_inflight": positive_count,
-        "health_path": url_path,
-    }
-    for key, check in checks.items():
-        if key in table:
-            try:
-                fields[key] = check(table[key])
-            except Invalid as exc:
-                problems.extend((f".{key}", reason) for _, reason in exc.problems)
+    fields, problems = _inline_table(table, _SERVER_CHECKS)
     if "url" not in table:
         problems.append(("", 'needs a "url"'))
     if problems:
@@ -535,6 +541,14 @@ def _upstream_url(value: object) -> UpstreamURL:
         return UpstreamURL.parse(text(value))
     except BadUpstreamURL as exc:
         raise Invalid(str(exc)) from None
+
+
+_SERVER_CHECKS: dict[str, Convert] = {
+    "url": _upstream_url,
+    "weight": positive_count,
+    "max_inflight": positive_count,
+    "health_path": url_path,
+}
 
 
 def servers(value: object) -> tuple[TargetSpec, ...]:
@@ -595,19 +609,7 @@ def rate_limit(value: object) -> RateLimitSpec:
     """One entry of ``rate_limit``: ``{ average = N, period = "1m", burst = N,
     key = "ip", store = "memory" }`` (``average`` required)."""
     table = _table(value)
-    problems: list[tuple[str, str]] = []
-    for key in table:
-        if key not in _RATE_LIMIT_CHECKS:
-            problems.append(
-                (f".{_key(key)}", "unknown key" + did_you_mean(key, list(_RATE_LIMIT_CHECKS)))
-            )
-    fields: dict[str, Any] = {}
-    for key, check in _RATE_LIMIT_CHECKS.items():
-        if key in table:
-            try:
-                fields[key] = check(table[key])
-            except Invalid as exc:
-                problems.extend((f".{key}", reason) for _, reason in exc.problems)
+    fields, problems = _inline_table(table, _RATE_LIMIT_CHECKS)
     if "average" not in table:
         problems.append(("", 'needs "average", the requests allowed per period'))
     if problems:
@@ -662,11 +664,7 @@ _SNI_KEYS = ("hosts", "cert", "key")
 def _sni_entry(value: object) -> SniCertificate:
     """``{ hosts = [...], cert = "a.pem", key = "a.key" }`` (file names as written)."""
     table = _table(value)
-    problems: list[tuple[str, str]] = [
-        (f".{_key(key)}", "unknown key" + did_you_mean(key, _SNI_KEYS))
-        for key in table
-        if key not in _SNI_KEYS
-    ]
+    problems = _unknown_keys(table, _SNI_KEYS)
     fields: dict[str, Any] = {}
     for key, check in (("hosts", host_patterns), ("cert", text), ("key", text)):
         if key not in table:
